@@ -1,0 +1,119 @@
+//! The [`Store`] trait: what a backend that *holds* timers must do.
+//!
+//! ## The claim contract
+//!
+//! A store is the source of truth. The engine never runs a handler for a timer it has not first
+//! **claimed** through [`Store::claim`] or [`Store::claim_due`]. A claim succeeds for a timer only
+//! if, atomically,
+//!
+//! 1. the stored generation equals the generation being claimed (a cancelled or replaced timer
+//!    cannot be claimed: stale firings are dropped here),
+//! 2. `due_at <= now` (nothing fires early, whatever an in-memory trigger believed), and
+//! 3. no other claim holds it: the lease is empty or has expired (`lease_until <= now`).
+//!
+//! A claim records `(owner, lease_until)`. Afterwards the engine reports the handler's outcome with
+//! [`Store::settle`], which again applies only while the generation is unchanged. A node that dies
+//! holding claims simply stops settling; once `lease_until` passes, any node may claim the timer
+//! again. That is the at-least-once half of the contract; idempotent handlers give the
+//! exactly-once effect.
+//!
+//! ## Generations
+//!
+//! Every upsert (`schedule`, `reschedule`, `replay`) assigns a generation larger than every
+//! generation the store has ever handed out, including those of cancelled timers.
+//!
+//! ## Adding a backend
+//!
+//! Implement this trait in its own crate, make `open(url)` return it, and call the conformance
+//! suite in `overdue-testkit` from that crate's tests with a constructor: one line.
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::model::{
+    Claimed, DeadLetter, DeadLetterQuery, ListQuery, QueueCount, Settlement, Timer, TimerRef,
+    TimerSpec,
+};
+
+/// What a store can promise; the conformance suite reads this to know what to check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Short name for logs and metrics, e.g. `sqlite`.
+    pub name: &'static str,
+    /// Timers survive a crash of the process once `schedule` has returned.
+    pub durable: bool,
+    /// Several processes may use the store at once.
+    pub shared: bool,
+}
+
+/// A place that holds timers. See the module docs for the claim contract.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// What this store promises.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Upserts a batch atomically: all timers are stored, or none. Each gets a fresh generation,
+    /// attempts reset to 0 and any claim on the old generation is dropped. Returns the
+    /// generations in input order. The caller has validated the specs and removed duplicates.
+    async fn schedule(&self, timers: Vec<TimerSpec>, now: i64) -> Result<Vec<u64>>;
+
+    /// Removes a timer. Returns the generation removed, or `None` if there was none.
+    async fn cancel(&self, queue: &str, key: &str) -> Result<Option<u64>>;
+
+    /// Moves a timer's due time, keeping its payload; gives it a new generation and drops any
+    /// claim. Returns the new generation, or `None` if there is no such timer.
+    async fn reschedule(&self, queue: &str, key: &str, due_at: i64, now: i64) -> Result<Option<u64>>;
+
+    /// One timer, if stored. `now` decides whether a lease still counts as in flight.
+    async fn get(&self, queue: &str, key: &str, now: i64) -> Result<Option<Timer>>;
+
+    /// Timers in `(due_at, queue, key)` order, filtered and paged by `query`.
+    async fn list(&self, query: &ListQuery, now: i64) -> Result<Vec<Timer>>;
+
+    /// Per-queue counts of pending, in-flight and dead timers.
+    async fn counts(&self, now: i64) -> Result<Vec<QueueCount>>;
+
+    /// References (no payloads) to timers with `due_at <= until`, in `(due_at, queue, key)`
+    /// order, strictly after the `after` cursor, at most `limit`. Used to page the near future
+    /// into an in-memory trigger. Claimed timers are included; the claim filters them.
+    async fn due_refs(
+        &self,
+        after: Option<&(i64, String, String)>,
+        until: i64,
+        limit: u32,
+    ) -> Result<Vec<TimerRef>>;
+
+    /// Claims the given timers (see the contract above). Returns those claimed, in input order.
+    async fn claim(
+        &self,
+        timers: &[TimerRef],
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<Claimed>>;
+
+    /// Finds and claims up to `limit` unclaimed timers with `due_at <= due_before` (which is at
+    /// most `now`), earliest first. This is the scheduled-scan trigger and the backstop sweep.
+    async fn claim_due(
+        &self,
+        now: i64,
+        due_before: i64,
+        limit: u32,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<Vec<Claimed>>;
+
+    /// Applies handler outcomes atomically. Each entry applies only if the stored generation is
+    /// unchanged; entries about replaced or cancelled timers are skipped.
+    async fn settle(&self, batch: Vec<Settlement>, now: i64) -> Result<()>;
+
+    /// Dead letters in ascending id order.
+    async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>>;
+
+    /// Moves a dead letter back into the timers (an upsert of its identity, with its payload,
+    /// due at `due_at`, attempts reset). Returns the new generation, or `None` if no dead letter
+    /// has that id.
+    async fn replay(&self, id: i64, due_at: i64, now: i64) -> Result<Option<u64>>;
+}

@@ -1,0 +1,933 @@
+//! The engine: one store, one trigger, handlers per queue.
+//!
+//! ## How a timer fires
+//!
+//! ```text
+//!  schedule ──► store (durable) ──► index (if due within the horizon)
+//!                                     │ wheel/heap pop at due time      scan: claim_due every interval
+//!                                     ▼                                   │
+//!                            store.claim (generation, due, lease) ◄──────┘
+//!                                     │ claimed only
+//!                                     ▼
+//!                        queue worker ─► handler ─► outcome ─► settler ─► store.settle (batched)
+//! ```
+//!
+//! - **Nothing fires unclaimed.** The claim is the single place where stale wake-ups (cancelled
+//!   or replaced timers), early wake-ups and wake-ups of timers another node holds are dropped.
+//! - **Nothing is lost.** A timer leaves the store only when its `Done` or dead-letter
+//!   settlement commits. A crash between claim and settle leaves a lease that expires; the
+//!   backstop sweep (every `backstop_interval`) claims anything overdue by more than
+//!   `backstop_slack` that no trigger fired, and counts it in `backstop_rescued`.
+//! - **Back-pressure.** At most `max_in_flight` timers are claimed and unsettled; the driver waits
+//!   for permits before claiming more, so a slow handler cannot make memory grow.
+//! - **Shutdown** stops claiming, lets handlers finish within the grace period, then cancels the
+//!   rest and releases their claims so they fire again on the next start (or on another node).
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::time::Duration;
+
+use futures::FutureExt;
+use overdue_core::{
+    Claimed, Clock, DeadLetter, DeadLetterQuery, Error, Firing, Limits, ListQuery, Outcome,
+    QueueCount, Result, Settlement, Store, SystemClock, Timer, TimerRef, TimerSpec, limits,
+};
+use parking_lot::Mutex;
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{EngineConfig, QueueConfig, TriggerKind};
+use crate::handler::Handler;
+use crate::index::MemIndex;
+use crate::stats::{EngineStats, Stats};
+
+/// Rows fetched per page when the loader moves the horizon forward.
+const LOAD_PAGE: u32 = 10_000;
+/// Most settlements written in one store call.
+const SETTLE_BATCH: usize = 4096;
+/// Longest pause between retries of a failing store call in the background tasks.
+const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Builds and starts an [`Engine`].
+pub struct EngineBuilder {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    limits: Limits,
+    default_queue: QueueConfig,
+    handlers: HashMap<String, (Arc<dyn Handler>, QueueConfig)>,
+}
+
+impl std::fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("store", &self.store)
+            .field("config", &self.config)
+            .field("queues", &self.handlers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl EngineBuilder {
+    /// Uses this clock instead of the system clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Engine-wide settings.
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Input limits (payload size).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Settings for queues that have no handler of their own registered.
+    pub fn default_queue_config(mut self, config: QueueConfig) -> Self {
+        self.default_queue = config;
+        self
+    }
+
+    /// Registers the handler of `queue`.
+    pub fn handler(mut self, queue: impl Into<String>, config: QueueConfig, handler: impl Handler) -> Self {
+        self.handlers.insert(queue.into(), (Arc::new(handler), config));
+        self
+    }
+
+    /// Registers a shared handler for `queue`.
+    pub fn handler_arc(mut self, queue: impl Into<String>, config: QueueConfig, handler: Arc<dyn Handler>) -> Self {
+        self.handlers.insert(queue.into(), (handler, config));
+        self
+    }
+
+    /// Validates the configuration and starts the engine's tasks on the current tokio runtime.
+    pub async fn start(self) -> Result<Engine> {
+        self.config.validate()?;
+        for (queue, (_, qc)) in &self.handlers {
+            limits::check_queue(queue)?;
+            qc.validate(self.config.lease)?;
+        }
+        self.default_queue.validate(self.config.lease)?;
+        let node_id = self.config.node_id.clone().unwrap_or_else(default_node_id);
+        let index = match self.config.trigger {
+            TriggerKind::Scan => None,
+            kind => Some(Mutex::new(MemIndex::new(kind))),
+        };
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let (idle_tx, _) = watch::channel(0u64);
+        let mut queues = HashMap::new();
+        let mut worker_rxs = Vec::new();
+        for (queue, (handler, cfg)) in self.handlers {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let rt = Arc::new(QueueRt { name: queue.clone(), cfg, handler: Some(handler), tx });
+            worker_rxs.push((rt.clone(), rx));
+            queues.insert(queue, rt);
+        }
+        let claim_batch = (self.config.claim_batch as usize).min(self.config.max_in_flight);
+        let shared = Arc::new(Shared {
+            store: self.store,
+            clock: self.clock,
+            permits: Arc::new(Semaphore::new(self.config.max_in_flight)),
+            claim_batch,
+            cfg: self.config,
+            limits: self.limits,
+            default_queue: self.default_queue,
+            node_id,
+            queues,
+            index,
+            wake: Notify::new(),
+            planned_wake: AtomicI64::new(i64::MIN),
+            idle: idle_tx,
+            stats: Stats::new(),
+            settle_tx,
+            stop_claiming: CancellationToken::new(),
+            abort_handlers: CancellationToken::new(),
+            accepting: AtomicBool::new(true),
+        });
+        let mut tasks = Vec::new();
+        for (rt, rx) in worker_rxs {
+            tasks.push(tokio::spawn(queue_worker(shared.clone(), rt, rx)));
+        }
+        let settler = tokio::spawn(settler(shared.clone(), settle_rx));
+        let (pass_tx, pass_rx) = mpsc::channel(64);
+        let driver = tokio::spawn(driver(shared.clone(), pass_rx));
+        tracing::info!(node = %shared.node_id, store = shared.store.capabilities().name,
+            trigger = %shared.cfg.trigger, "engine started");
+        Ok(Engine { shared, pass_tx, driver: Mutex::new(Some(driver)), settler: Mutex::new(Some(settler)), workers: Mutex::new(tasks) })
+    }
+}
+
+/// What `shutdown` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// True if every in-flight handler finished within the grace period.
+    pub drained: bool,
+    /// Firings cancelled at the end of the grace period and released for re-delivery.
+    pub released: u64,
+}
+
+/// A running engine. Dropping it without [`Engine::shutdown`] aborts its tasks like a crash
+/// would (claims are left to expire); call `shutdown` for a clean stop.
+pub struct Engine {
+    shared: Arc<Shared>,
+    pass_tx: mpsc::Sender<oneshot::Sender<()>>,
+    driver: Mutex<Option<JoinHandle<()>>>,
+    settler: Mutex<Option<JoinHandle<()>>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("node_id", &self.shared.node_id)
+            .field("trigger", &self.shared.cfg.trigger)
+            .field("store", &self.shared.store)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Starts building an engine over `store`.
+    pub fn builder(store: Arc<dyn Store>) -> EngineBuilder {
+        EngineBuilder {
+            store,
+            clock: Arc::new(SystemClock),
+            config: EngineConfig::default(),
+            limits: Limits::default(),
+            default_queue: QueueConfig::default(),
+            handlers: HashMap::new(),
+        }
+    }
+
+    /// Schedules (upserts) one timer and returns its generation once it is durable.
+    pub async fn schedule(&self, spec: TimerSpec) -> Result<u64> {
+        let mut gens = self.schedule_batch(vec![spec]).await?;
+        gens.pop().ok_or_else(|| Error::Config("store returned no generation".into()))
+    }
+
+    /// Schedules (upserts) a batch atomically and returns the generations in input order.
+    /// The whole batch is refused, and nothing changes, if any timer is invalid.
+    pub async fn schedule_batch(&self, specs: Vec<TimerSpec>) -> Result<Vec<u64>> {
+        self.shared.accepting()?;
+        if specs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if specs.len() > limits::MAX_BATCH {
+            return Err(Error::BatchTooLarge { size: specs.len(), max: limits::MAX_BATCH });
+        }
+        let now = self.shared.clock.now_ms();
+        let mut seen = std::collections::HashSet::with_capacity(specs.len());
+        for spec in &specs {
+            self.shared.limits.check(spec, now)?;
+            if !seen.insert((spec.queue.as_str(), spec.key.as_str())) {
+                return Err(Error::DuplicateInBatch { queue: spec.queue.clone(), key: spec.key.clone() });
+            }
+        }
+        drop(seen);
+        let idents: Vec<(String, String, i64)> =
+            specs.iter().map(|s| (s.queue.clone(), s.key.clone(), s.due_at)).collect();
+        let gens = self.shared.store.schedule(specs, now).await?;
+        self.shared.stats.scheduled.fetch_add(gens.len() as u64, Relaxed);
+        for (q, _, _) in &idents {
+            metrics::counter!("overdue_timers_scheduled_total", "queue" => q.clone()).increment(1);
+        }
+        if let Some(ix) = &self.shared.index {
+            let mut earliest = i64::MAX;
+            let mut ix = ix.lock();
+            for ((queue, key, due_at), generation) in idents.into_iter().zip(gens.iter().copied()) {
+                if due_at <= ix.covered_until {
+                    earliest = earliest.min(due_at);
+                    ix.upsert(TimerRef { queue, key, generation, due_at });
+                } else {
+                    ix.remove(&queue, &key);
+                }
+            }
+            self.shared.stats.resident.store(ix.len() as u64, Relaxed);
+            drop(ix);
+            self.shared.wake_if_before(earliest);
+        }
+        Ok(gens)
+    }
+
+    /// Cancels a timer. Returns false if there was none. A firing already on its way is dropped
+    /// at its claim; a handler already running finishes, and its settlement is ignored.
+    pub async fn cancel(&self, queue: &str, key: &str) -> Result<bool> {
+        self.shared.accepting()?;
+        limits::check_queue(queue)?;
+        limits::check_key(key)?;
+        let removed = self.shared.store.cancel(queue, key).await?;
+        if let Some(ix) = &self.shared.index {
+            ix.lock().remove(queue, key);
+        }
+        if removed.is_some() {
+            self.shared.stats.cancelled.fetch_add(1, Relaxed);
+            metrics::counter!("overdue_timers_cancelled_total", "queue" => queue.to_owned()).increment(1);
+        }
+        Ok(removed.is_some())
+    }
+
+    /// Moves a timer's due time, keeping its payload. Returns the new generation.
+    pub async fn reschedule(&self, queue: &str, key: &str, due_at: i64) -> Result<u64> {
+        self.shared.accepting()?;
+        limits::check_queue(queue)?;
+        limits::check_key(key)?;
+        let now = self.shared.clock.now_ms();
+        limits::check_due(due_at, now)?;
+        let generation = self
+            .shared
+            .store
+            .reschedule(queue, key, due_at, now)
+            .await?
+            .ok_or_else(|| Error::NotFound { queue: queue.to_owned(), key: key.to_owned() })?;
+        self.shared.note_upsert(queue, key, generation, due_at);
+        Ok(generation)
+    }
+
+    /// Makes a timer due now.
+    pub async fn fire_now(&self, queue: &str, key: &str) -> Result<u64> {
+        let now = self.shared.clock.now_ms();
+        self.reschedule(queue, key, now).await
+    }
+
+    /// One stored timer.
+    pub async fn get(&self, queue: &str, key: &str) -> Result<Option<Timer>> {
+        limits::check_queue(queue)?;
+        limits::check_key(key)?;
+        self.shared.store.get(queue, key, self.shared.clock.now_ms()).await
+    }
+
+    /// Stored timers in due order; see [`ListQuery`].
+    pub async fn list(&self, query: &ListQuery) -> Result<Vec<Timer>> {
+        if let Some(q) = &query.queue {
+            limits::check_queue(q)?;
+        }
+        self.shared.store.list(query, self.shared.clock.now_ms()).await
+    }
+
+    /// Pending / in-flight / dead counts per queue.
+    pub async fn counts(&self) -> Result<Vec<QueueCount>> {
+        self.shared.store.counts(self.shared.clock.now_ms()).await
+    }
+
+    /// Dead letters in id order.
+    pub async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>> {
+        if let Some(q) = &query.queue {
+            limits::check_queue(q)?;
+        }
+        self.shared.store.dead_letters(query).await
+    }
+
+    /// Puts a dead letter back as a timer due now, with its attempts reset. Returns the new
+    /// generation.
+    pub async fn replay(&self, id: i64) -> Result<u64> {
+        self.shared.accepting()?;
+        let now = self.shared.clock.now_ms();
+        let dl = self
+            .shared
+            .store
+            .dead_letters(&DeadLetterQuery { after_id: Some(id - 1), limit: 1, ..Default::default() })
+            .await?
+            .into_iter()
+            .find(|d| d.id == id)
+            .ok_or(Error::DeadLetterNotFound(id))?;
+        let generation = self.shared.store.replay(id, now, now).await?.ok_or(Error::DeadLetterNotFound(id))?;
+        self.shared.note_upsert(&dl.queue, &dl.key, generation, now);
+        Ok(generation)
+    }
+
+    /// Counters and lateness so far.
+    pub fn stats(&self) -> EngineStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// Forgets the lateness histogram (to measure one phase of a benchmark).
+    pub fn reset_lateness(&self) {
+        self.shared.stats.reset_lateness();
+    }
+
+    /// The identity this engine writes into claims.
+    pub fn node_id(&self) -> &str {
+        &self.shared.node_id
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.cfg
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// The engine's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.shared.clock
+    }
+
+    /// Runs a trigger pass at the clock's current time and waits until every timer it claimed has
+    /// been handled and settled, repeating while passes still fire something. Tests use this
+    /// after moving a manual clock; it never sleeps.
+    pub async fn settle(&self) {
+        loop {
+            let fired_before = self.shared.stats.fired.load(Relaxed);
+            let (tx, rx) = oneshot::channel();
+            if self.pass_tx.send(tx).await.is_err() || rx.await.is_err() {
+                return;
+            }
+            self.wait_idle().await;
+            if self.shared.stats.fired.load(Relaxed) == fired_before {
+                return;
+            }
+        }
+    }
+
+    async fn wait_idle(&self) {
+        let mut rx = self.shared.idle.subscribe();
+        // The sender lives in `shared`, which outlives this call.
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Stops claiming, waits up to `grace` for running handlers, then cancels the rest and
+    /// releases their claims for re-delivery. New calls fail with [`Error::ShuttingDown`].
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        self.shared.accepting.store(false, Relaxed);
+        self.shared.stop_claiming.cancel();
+        let driver = self.driver.lock().take();
+        if let Some(d) = driver {
+            let _ = d.await;
+        }
+        let mut report = ShutdownReport { drained: true, released: 0 };
+        if tokio::time::timeout(grace, self.wait_idle()).await.is_err() {
+            report.drained = false;
+            report.released = self.shared.stats.in_flight.load(Relaxed);
+            self.shared.abort_handlers.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(30), self.wait_idle()).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.shared.settle_tx.send(SettlerMsg::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        self.abort_tasks();
+        tracing::info!(node = %self.shared.node_id, ?report, "engine stopped");
+        report
+    }
+
+    fn abort_tasks(&self) {
+        if let Some(d) = self.driver.lock().take() {
+            d.abort();
+        }
+        if let Some(s) = self.settler.lock().take() {
+            s.abort();
+        }
+        for w in self.workers.lock().drain(..) {
+            w.abort();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shared.stop_claiming.cancel();
+        self.abort_tasks();
+    }
+}
+
+struct QueueRt {
+    name: String,
+    cfg: QueueConfig,
+    handler: Option<Arc<dyn Handler>>,
+    tx: mpsc::UnboundedSender<Claimed>,
+}
+
+enum SettlerMsg {
+    Settle(Settlement),
+    Stop(oneshot::Sender<()>),
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    cfg: EngineConfig,
+    limits: Limits,
+    default_queue: QueueConfig,
+    node_id: String,
+    queues: HashMap<String, Arc<QueueRt>>,
+    index: Option<Mutex<MemIndex>>,
+    /// Wakes the driver early (a schedule due before its planned wake-up).
+    wake: Notify,
+    planned_wake: AtomicI64,
+    permits: Arc<Semaphore>,
+    claim_batch: usize,
+    /// Claimed and not yet settled; 0 means idle.
+    idle: watch::Sender<u64>,
+    stats: Stats,
+    settle_tx: mpsc::UnboundedSender<SettlerMsg>,
+    stop_claiming: CancellationToken,
+    abort_handlers: CancellationToken,
+    accepting: AtomicBool,
+}
+
+impl Shared {
+    fn accepting(&self) -> Result<()> {
+        if self.accepting.load(Relaxed) { Ok(()) } else { Err(Error::ShuttingDown) }
+    }
+
+    fn wake_if_before(&self, due: i64) {
+        if due < self.planned_wake.load(Relaxed) {
+            self.wake.notify_one();
+        }
+    }
+
+    fn lease_until(&self, now: i64) -> i64 {
+        now.saturating_add(self.cfg.lease.as_millis() as i64)
+    }
+
+    /// Mirrors an upsert done through the store into the index.
+    fn note_upsert(&self, queue: &str, key: &str, generation: u64, due_at: i64) {
+        let Some(ix) = &self.index else { return };
+        let mut ix = ix.lock();
+        if due_at <= ix.covered_until {
+            ix.upsert(TimerRef { queue: queue.to_owned(), key: key.to_owned(), generation, due_at });
+            drop(ix);
+            self.wake_if_before(due_at);
+        } else {
+            ix.remove(queue, key);
+        }
+    }
+
+    fn add_in_flight(&self, n: u64) {
+        self.stats.in_flight.fetch_add(n, Relaxed);
+        self.idle.send_modify(|c| *c += n);
+    }
+
+    fn sub_in_flight(&self, n: u64) {
+        self.stats.in_flight.fetch_sub(n, Relaxed);
+        self.idle.send_modify(|c| *c = c.saturating_sub(n));
+    }
+
+    /// Moves the covered range of the index forward to `now + horizon`, page by page.
+    async fn load_horizon(&self, now: i64) -> Result<()> {
+        let Some(index) = &self.index else { return Ok(()) };
+        let horizon = self.cfg.horizon.as_millis() as i64;
+        let target = now.saturating_add(horizon);
+        let mut cursor = {
+            let ix = index.lock();
+            if ix.covered_until >= now.saturating_add(horizon / 2) {
+                return Ok(());
+            }
+            ix.cursor.clone()
+        };
+        loop {
+            {
+                // Publish the range before reading it, so concurrent schedules insert too.
+                let mut ix = index.lock();
+                ix.covered_until = ix.covered_until.max(target);
+            }
+            let refs = self.store.due_refs(cursor.as_ref(), target, LOAD_PAGE).await;
+            let refs = match refs {
+                Ok(r) => r,
+                Err(e) => {
+                    // Un-publish: nothing past the cursor is known to be loaded.
+                    let mut ix = index.lock();
+                    ix.covered_until = cursor.as_ref().map_or(i64::MIN, |c| c.0 - 1);
+                    return Err(e);
+                }
+            };
+            let full = refs.len() as u32 == LOAD_PAGE;
+            let mut ix = index.lock();
+            if let Some(last) = refs.last() {
+                cursor = Some((last.due_at, last.queue.clone(), last.key.clone()));
+            }
+            let mut earliest = i64::MAX;
+            for r in refs {
+                earliest = earliest.min(r.due_at);
+                ix.upsert(r);
+            }
+            self.stats.resident.store(ix.len() as u64, Relaxed);
+            if full && ix.len() >= self.cfg.max_resident {
+                // Memory cap: cover only what is loaded; the rest is loaded as it drains.
+                let c = cursor.as_ref().map_or(i64::MIN, |c| c.0 - 1);
+                ix.covered_until = c;
+                ix.cursor = cursor;
+                return Ok(());
+            }
+            if !full {
+                ix.cursor = cursor;
+                return Ok(());
+            }
+            drop(ix);
+            let _ = earliest;
+        }
+    }
+
+    /// Claims and dispatches due references, in order, as permits allow.
+    async fn fire_refs(&self, mut refs: Vec<TimerRef>) {
+        let mut start = 0;
+        while start < refs.len() {
+            let n = (refs.len() - start).min(self.claim_batch);
+            let Ok(permits) = self.permits.clone().acquire_many_owned(n as u32).await else { return };
+            permits.forget();
+            let chunk = &refs[start..start + n];
+            let now = self.clock.now_ms();
+            let claimed = loop {
+                match self.store.claim(chunk, &self.node_id, now, self.lease_until(now)).await {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claim failed; retrying");
+                        if self.stop_claiming.is_cancelled() {
+                            self.permits.add_permits(n);
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            };
+            let dropped = n - claimed.len();
+            self.stats.stale_dropped.fetch_add(dropped as u64, Relaxed);
+            self.permits.add_permits(dropped);
+            self.dispatch(claimed);
+            start += n;
+        }
+        refs.clear();
+    }
+
+    /// Claims due timers straight from the store (scan trigger and backstop sweep). Returns how
+    /// many were claimed; `full` tells whether another round may find more.
+    async fn claim_due(&self, due_before: i64) -> Result<(usize, bool)> {
+        let n = self.claim_batch;
+        let Ok(permits) = self.permits.clone().acquire_many_owned(n as u32).await else { return Ok((0, false)) };
+        permits.forget();
+        let now = self.clock.now_ms();
+        let res = self.store.claim_due(now, due_before.min(now), n as u32, &self.node_id, self.lease_until(now)).await;
+        let claimed = match res {
+            Ok(c) => c,
+            Err(e) => {
+                self.permits.add_permits(n);
+                return Err(e);
+            }
+        };
+        let got = claimed.len();
+        self.permits.add_permits(n - got);
+        self.dispatch(claimed);
+        Ok((got, got == n))
+    }
+
+    fn dispatch(&self, claimed: Vec<Claimed>) {
+        if claimed.is_empty() {
+            return;
+        }
+        self.add_in_flight(claimed.len() as u64);
+        for c in claimed {
+            match self.queues.get(&c.timer.queue) {
+                Some(rt) => {
+                    if let Err(mpsc::error::SendError(c)) = rt.tx.send(c) {
+                        // The worker is gone (shutdown): release so the timer fires again.
+                        let _ = self.settle_tx.send(SettlerMsg::Settle(Settlement::Release(c.timer)));
+                    }
+                }
+                None => {
+                    // No handler here: a failed attempt, visible and eventually dead-lettered.
+                    let now = self.clock.now_ms();
+                    self.stats.record_fire(&c.timer.queue, now - c.timer.due_at);
+                    let error = format!("no handler registered for queue {:?}", c.timer.queue);
+                    let s = self.settlement_for(c.timer, c.attempts, Outcome::Fail(error), &self.default_queue, now);
+                    let _ = self.settle_tx.send(SettlerMsg::Settle(s));
+                }
+            }
+        }
+    }
+
+    fn settlement_for(&self, timer: TimerRef, attempts: u32, outcome: Outcome, cfg: &QueueConfig, now: i64) -> Settlement {
+        let (error, delay) = match outcome {
+            Outcome::Done => return Settlement::Done(timer),
+            Outcome::Retry { after, error } => (error, Some(after)),
+            Outcome::Fail(error) => (error, None),
+        };
+        let failures = attempts.saturating_add(1);
+        if failures >= cfg.max_attempts {
+            return Settlement::DeadLetter { timer, attempts: failures, error, failed_at: now };
+        }
+        let delay = delay.unwrap_or_else(|| cfg.backoff(failures, rand::random::<f64>()));
+        let due_at = now.saturating_add(delay.as_millis().min(i64::MAX as u128) as i64);
+        Settlement::Retry { timer, due_at, attempts: failures, error }
+    }
+}
+
+/// Runs the handlers of one queue, in claim order, at most `concurrency` at a time.
+async fn queue_worker(shared: Arc<Shared>, rt: Arc<QueueRt>, mut rx: mpsc::UnboundedReceiver<Claimed>) {
+    let sem = Arc::new(Semaphore::new(rt.cfg.concurrency));
+    let mut tasks = JoinSet::new();
+    loop {
+        let claimed = tokio::select! {
+            biased;
+            _ = shared.abort_handlers.cancelled() => break,
+            c = rx.recv() => match c { Some(c) => c, None => break },
+        };
+        let permit = tokio::select! {
+            biased;
+            _ = shared.abort_handlers.cancelled() => {
+                let _ = shared.settle_tx.send(SettlerMsg::Settle(Settlement::Release(claimed.timer)));
+                break;
+            }
+            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        tasks.spawn(run_one(shared.clone(), rt.clone(), claimed, permit));
+        while tasks.try_join_next().is_some() {}
+    }
+    // Shutting down: whatever is still queued is released for re-delivery.
+    rx.close();
+    while let Some(c) = rx.recv().await {
+        let _ = shared.settle_tx.send(SettlerMsg::Settle(Settlement::Release(c.timer)));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn run_one(shared: Arc<Shared>, rt: Arc<QueueRt>, c: Claimed, permit: tokio::sync::OwnedSemaphorePermit) {
+    let Some(handler) = rt.handler.clone() else { return };
+    let now = shared.clock.now_ms();
+    shared.stats.record_fire(&rt.name, now - c.timer.due_at);
+    let firing = Firing {
+        queue: c.timer.queue.clone(),
+        key: c.timer.key.clone(),
+        generation: c.timer.generation,
+        due_at: c.timer.due_at,
+        payload: c.payload,
+        attempt: c.attempts + 1,
+        fired_at: now,
+    };
+    let run = tokio::time::timeout(rt.cfg.timeout, AssertUnwindSafe(handler.call(firing)).catch_unwind());
+    let outcome = tokio::select! {
+        biased;
+        _ = shared.abort_handlers.cancelled() => None,
+        r = run => Some(match r {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(panic)) => Outcome::Fail(format!("handler panicked: {}", panic_message(&panic))),
+            Err(_) => Outcome::Fail(format!("handler timed out after {:?}", rt.cfg.timeout)),
+        }),
+    };
+    drop(permit);
+    let settlement = match outcome {
+        None => Settlement::Release(c.timer),
+        Some(o) => {
+            if !matches!(o, Outcome::Done) {
+                tracing::debug!(queue = %rt.name, key = %c.timer.key, outcome = ?o, "handler did not finish");
+            }
+            shared.settlement_for(c.timer, c.attempts, o, &rt.cfg, shared.clock.now_ms())
+        }
+    };
+    let _ = shared.settle_tx.send(SettlerMsg::Settle(settlement));
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// Writes outcomes back in batches, then frees their permits.
+async fn settler(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<SettlerMsg>) {
+    let mut batch: Vec<Settlement> = Vec::new();
+    let mut stop: Option<oneshot::Sender<()>> = None;
+    while stop.is_none() {
+        match rx.recv().await {
+            Some(SettlerMsg::Settle(s)) => batch.push(s),
+            Some(SettlerMsg::Stop(tx)) => stop = Some(tx),
+            None => break,
+        }
+        while batch.len() < SETTLE_BATCH {
+            match rx.try_recv() {
+                Ok(SettlerMsg::Settle(s)) => batch.push(s),
+                Ok(SettlerMsg::Stop(tx)) => {
+                    stop = Some(tx);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match shared.store.settle(batch.clone(), shared.clock.now_ms()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    // Leases keep the timers safe meanwhile; retry until the store is back, unless
+                    // we are stopping, in which case the leases expire and another run fires them.
+                    tracing::warn!(error = %e, n = batch.len(), "settle failed; retrying");
+                    if stop.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_STORE_BACKOFF);
+                }
+            }
+        }
+        let n = batch.len();
+        for s in batch.drain(..) {
+            account(&shared, s);
+        }
+        shared.permits.add_permits(n);
+        shared.sub_in_flight(n as u64);
+    }
+    if let Some(tx) = stop {
+        let _ = tx.send(());
+    }
+}
+
+fn account(shared: &Shared, s: Settlement) {
+    let st = &shared.stats;
+    match s {
+        Settlement::Done(t) => {
+            st.completed.fetch_add(1, Relaxed);
+            metrics::counter!("overdue_timers_completed_total", "queue" => t.queue).increment(1);
+        }
+        Settlement::Retry { timer, due_at, .. } => {
+            st.retried.fetch_add(1, Relaxed);
+            st.handler_failures.fetch_add(1, Relaxed);
+            metrics::counter!("overdue_handler_failures_total", "queue" => timer.queue.clone()).increment(1);
+            shared.note_upsert(&timer.queue, &timer.key, timer.generation, due_at);
+        }
+        Settlement::DeadLetter { timer, .. } => {
+            st.dead_lettered.fetch_add(1, Relaxed);
+            st.handler_failures.fetch_add(1, Relaxed);
+            metrics::counter!("overdue_handler_failures_total", "queue" => timer.queue.clone()).increment(1);
+            metrics::counter!("overdue_dead_letters_total", "queue" => timer.queue).increment(1);
+        }
+        Settlement::Release(t) => {
+            shared.note_upsert(&t.queue, &t.key, t.generation, t.due_at);
+        }
+    }
+}
+
+/// The trigger loop.
+async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender<()>>) {
+    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut next_backstop = shared.clock.now_ms();
+    let mut next_scan = i64::MIN;
+    let mut store_backoff = Duration::from_millis(50);
+    let mut due = Vec::new();
+    loop {
+        if shared.stop_claiming.is_cancelled() {
+            break;
+        }
+        let now = shared.clock.now_ms();
+        let forced = !waiters.is_empty();
+        let mut store_ok = true;
+        match shared.cfg.trigger {
+            TriggerKind::Scan => {
+                if forced || now >= next_scan {
+                    loop {
+                        match shared.claim_due(now).await {
+                            Ok((_, true)) => continue,
+                            Ok((_, false)) => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "scan failed");
+                                store_ok = false;
+                                break;
+                            }
+                        }
+                    }
+                    next_scan = now.saturating_add(shared.cfg.scan_interval.as_millis() as i64);
+                }
+            }
+            TriggerKind::Wheel | TriggerKind::Heap => {
+                if let Err(e) = shared.load_horizon(now).await {
+                    tracing::warn!(error = %e, "loading the horizon failed");
+                    store_ok = false;
+                }
+                if let Some(ix) = &shared.index {
+                    let mut ix = ix.lock();
+                    ix.pop_due(now, &mut due);
+                    shared.stats.resident.store(ix.len() as u64, Relaxed);
+                }
+                if !due.is_empty() {
+                    shared.fire_refs(std::mem::take(&mut due)).await;
+                }
+                if now >= next_backstop {
+                    let slack = shared.cfg.backstop_slack.as_millis() as i64;
+                    loop {
+                        match shared.claim_due(now.saturating_sub(slack)).await {
+                            Ok((n, more)) => {
+                                if n > 0 {
+                                    shared.stats.backstop_rescued.fetch_add(n as u64, Relaxed);
+                                    metrics::counter!("overdue_backstop_rescued_total").increment(n as u64);
+                                    tracing::warn!(n, "backstop sweep fired timers no trigger fired");
+                                }
+                                if !more {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "backstop sweep failed");
+                                store_ok = false;
+                                break;
+                            }
+                        }
+                    }
+                    next_backstop = now.saturating_add(shared.cfg.backstop_interval.as_millis() as i64);
+                }
+            }
+        }
+        for w in waiters.drain(..) {
+            let _ = w.send(());
+        }
+        let mut next = match shared.cfg.trigger {
+            TriggerKind::Scan => next_scan,
+            _ => {
+                let (next_due, refill) = match &shared.index {
+                    Some(ix) => {
+                        let ix = ix.lock();
+                        let half = shared.cfg.horizon.as_millis() as i64 / 2;
+                        (ix.next_due().unwrap_or(i64::MAX), ix.covered_until.saturating_sub(half))
+                    }
+                    None => (i64::MAX, i64::MAX),
+                };
+                next_due.min(refill).min(next_backstop)
+            }
+        };
+        if store_ok {
+            store_backoff = Duration::from_millis(50);
+        } else {
+            // The store is failing: do not spin; try again after a growing pause.
+            next = next.min(shared.clock.now_ms().saturating_add(store_backoff.as_millis() as i64));
+            store_backoff = (store_backoff * 2).min(MAX_STORE_BACKOFF);
+        }
+        shared.planned_wake.store(next, Relaxed);
+        tokio::select! {
+            _ = shared.stop_claiming.cancelled() => break,
+            _ = shared.clock.sleep_until(next) => {}
+            _ = shared.wake.notified() => {}
+            w = pass_rx.recv() => match w {
+                Some(w) => waiters.push(w),
+                None => {}
+            },
+        }
+    }
+    for w in waiters {
+        let _ = w.send(());
+    }
+}
+
+fn default_node_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_owned());
+    format!("{host}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+}

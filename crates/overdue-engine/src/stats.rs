@@ -1,0 +1,122 @@
+//! Counters and the lateness histogram every engine keeps, exported both as a snapshot
+//! ([`EngineStats`]) and through the `metrics` facade (a Prometheus exporter installed by the
+//! binary turns them into `/metrics`).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+
+/// Largest lateness the histogram resolves: one day, in milliseconds.
+const LATENESS_MAX_MS: u64 = 24 * 3_600_000;
+
+/// A point-in-time copy of an engine's counters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineStats {
+    pub scheduled: u64,
+    pub cancelled: u64,
+    /// Firings handed to a handler.
+    pub fired: u64,
+    pub completed: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    /// Handler failures (Fail, Retry, timeout or panic).
+    pub handler_failures: u64,
+    /// Wake-ups dropped because the claim failed (cancelled, replaced, or claimed elsewhere).
+    pub stale_dropped: u64,
+    /// Timers fired by the backstop sweep instead of the trigger.
+    pub backstop_rescued: u64,
+    /// Claimed and not yet settled.
+    pub in_flight: u64,
+    /// Timer references held in memory by the wheel/heap.
+    pub resident: u64,
+    pub lateness: LatenessSummary,
+}
+
+/// Lateness percentiles in milliseconds, over every firing since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LatenessSummary {
+    pub count: u64,
+    pub p50_ms: u64,
+    pub p90_ms: u64,
+    pub p99_ms: u64,
+    pub max_ms: u64,
+    pub mean_ms: f64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Stats {
+    pub(crate) scheduled: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) fired: AtomicU64,
+    pub(crate) completed: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) handler_failures: AtomicU64,
+    pub(crate) stale_dropped: AtomicU64,
+    pub(crate) backstop_rescued: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) resident: AtomicU64,
+    lateness: Mutex<Histogram<u64>>,
+}
+
+impl Stats {
+    pub(crate) fn new() -> Self {
+        let hist = Histogram::new_with_max(LATENESS_MAX_MS, 3)
+            .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant figures is valid")));
+        Stats {
+            scheduled: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            fired: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            handler_failures: AtomicU64::new(0),
+            stale_dropped: AtomicU64::new(0),
+            backstop_rescued: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            resident: AtomicU64::new(0),
+            lateness: Mutex::new(hist),
+        }
+    }
+
+    pub(crate) fn record_fire(&self, queue: &str, lateness_ms: i64) {
+        let ms = lateness_ms.max(0) as u64;
+        self.fired.fetch_add(1, Relaxed);
+        self.lateness.lock().saturating_record(ms.min(LATENESS_MAX_MS));
+        metrics::counter!("overdue_timers_fired_total", "queue" => queue.to_owned()).increment(1);
+        metrics::histogram!("overdue_fire_lateness_seconds", "queue" => queue.to_owned()).record(ms as f64 / 1000.0);
+    }
+
+    pub(crate) fn snapshot(&self) -> EngineStats {
+        let h = self.lateness.lock();
+        let lateness = LatenessSummary {
+            count: h.len(),
+            p50_ms: h.value_at_quantile(0.50),
+            p90_ms: h.value_at_quantile(0.90),
+            p99_ms: h.value_at_quantile(0.99),
+            max_ms: h.max(),
+            mean_ms: h.mean(),
+        };
+        drop(h);
+        EngineStats {
+            scheduled: self.scheduled.load(Relaxed),
+            cancelled: self.cancelled.load(Relaxed),
+            fired: self.fired.load(Relaxed),
+            completed: self.completed.load(Relaxed),
+            retried: self.retried.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
+            handler_failures: self.handler_failures.load(Relaxed),
+            stale_dropped: self.stale_dropped.load(Relaxed),
+            backstop_rescued: self.backstop_rescued.load(Relaxed),
+            in_flight: self.in_flight.load(Relaxed),
+            resident: self.resident.load(Relaxed),
+            lateness,
+        }
+    }
+
+    /// Forgets the lateness recorded so far (benchmarks measure one phase at a time).
+    pub(crate) fn reset_lateness(&self) {
+        self.lateness.lock().reset();
+    }
+}

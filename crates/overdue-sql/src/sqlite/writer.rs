@@ -1,0 +1,500 @@
+//! The writer thread: one OS thread owns the only write connection and commits in groups.
+//!
+//! ## Ground rules
+//!
+//! - Every write is a [`Job`] sent over an unbounded channel. The thread blocks for the first job,
+//!   then drains whatever else is queued, up to [`MAX_MESSAGES_PER_COMMIT`] jobs or
+//!   [`MAX_ROWS_PER_COMMIT`] timers, and runs them all in **one** `BEGIN IMMEDIATE … COMMIT`.
+//!   While it waits for one commit's fsync, the next group queues up, so concurrent writers share
+//!   fsyncs without any timer or delay: a lone write commits at once.
+//! - Each job runs inside its own `SAVEPOINT`. A job that fails (or panics) is rolled back to its
+//!   savepoint and released; the other jobs of the group are unaffected. The exception is a job
+//!   of exactly one SQL statement (a one-timer schedule, a cancel, …): SQLite already undoes a
+//!   failed statement, so it runs without the savepoint's extra statements and page copies.
+//! - No job learns its outcome before the `COMMIT` returned: replies are sent after it, so an `Ok`
+//!   means durable at the configured [`Durability`](super::Durability). If the commit itself fails,
+//!   every job of the group receives the error.
+//! - The generation counter lives here and only here. It is the largest generation ever handed
+//!   out; it only grows (a rolled-back job's generations are skipped, never reused) and is written
+//!   to `meta` by every transaction that advanced it, outside the job savepoints, so that what is
+//!   durable never lags what a caller has seen.
+//! - The thread exits when every sender is gone (the store was dropped). It then closes the
+//!   connection and only afterwards releases the process lock.
+
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+
+use overdue_core::{Claimed, Error, Result, Settlement, TimerRef, TimerSpec};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::lock::ProcessLock;
+use super::{BACKEND, SqlResultExt, Stats, gen_out, sql_error};
+use crate::dialect::{Dialect, Queries};
+
+/// Most jobs (messages) one group commit takes from the queue.
+pub const MAX_MESSAGES_PER_COMMIT: usize = 4096;
+/// Most timers one group commit writes before it stops draining the queue; bounds the WAL growth
+/// and the latency of a single commit.
+pub const MAX_ROWS_PER_COMMIT: usize = 65_536;
+
+const Q: &Queries = Dialect::Sqlite.queries();
+
+/// A unit of work for the writer thread.
+pub(crate) trait Job: Send {
+    /// How many timers the job touches, for [`MAX_ROWS_PER_COMMIT`].
+    fn weight(&self) -> usize;
+    /// Whether the job needs a savepoint of its own. A job that runs exactly one SQL statement
+    /// does not: SQLite undoes a failed statement by itself, so the job is all-or-nothing
+    /// anyway, and skipping the savepoint saves two statements and a copy of every page it
+    /// touches into the savepoint journal.
+    fn needs_savepoint(&self) -> bool;
+    /// Runs the job inside its savepoint. Returns `false` if it failed and must be rolled back.
+    fn run(&mut self, ctx: &mut WriteCtx<'_>) -> bool;
+    /// Sends the outcome: the job's own result if the transaction committed (`None`), else the
+    /// transaction's failure (a job's own error wins over it).
+    fn finish(self: Box<Self>, failure: Option<&TxFailure>);
+}
+
+/// A closure and the channel its result goes back on.
+pub(crate) struct Task<T, F> {
+    f: Option<F>,
+    out: Option<Result<T>>,
+    reply: oneshot::Sender<Result<T>>,
+    weight: usize,
+    one_statement: bool,
+}
+
+impl<T, F> Task<T, F> {
+    /// A job touching `weight` timers; `one_statement` promises that `f` runs exactly one SQL
+    /// statement (see [`Job::needs_savepoint`]).
+    pub(crate) fn new(weight: usize, one_statement: bool, f: F, reply: oneshot::Sender<Result<T>>) -> Self {
+        Task { f: Some(f), out: None, reply, weight: weight.max(1), one_statement }
+    }
+}
+
+impl<T, F> Job for Task<T, F>
+where
+    T: Send,
+    F: FnOnce(&mut WriteCtx<'_>) -> Result<T> + Send,
+{
+    fn weight(&self) -> usize {
+        self.weight
+    }
+
+    fn needs_savepoint(&self) -> bool {
+        !self.one_statement
+    }
+
+    fn run(&mut self, ctx: &mut WriteCtx<'_>) -> bool {
+        let Some(f) = self.f.take() else { return false };
+        let out = match catch_unwind(AssertUnwindSafe(|| f(ctx))) {
+            Ok(out) => out,
+            Err(panic) => Err(Error::Store {
+                backend: BACKEND,
+                message: format!("write closure panicked: {}", panic_message(&*panic)),
+                transient: false,
+                source: None,
+            }),
+        };
+        let ok = out.is_ok();
+        self.out = Some(out);
+        ok
+    }
+
+    fn finish(self: Box<Self>, failure: Option<&TxFailure>) {
+        let result = match (self.out, failure) {
+            (Some(Err(own)), _) => Err(own),
+            (Some(Ok(value)), None) => Ok(value),
+            (_, Some(failure)) => Err(failure.to_error()),
+            (None, None) => Err(Error::Store {
+                backend: BACKEND,
+                message: "write job finished without running (bug)".to_owned(),
+                transient: false,
+                source: None,
+            }),
+        };
+        // The caller may have stopped waiting; the write stands either way.
+        let _ = self.reply.send(result);
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s
+    } else {
+        "non-string panic payload"
+    }
+}
+
+/// Why a whole group transaction failed; handed to every job of the group.
+#[derive(Debug)]
+pub(crate) struct TxFailure {
+    context: &'static str,
+    code: Option<rusqlite::ffi::Error>,
+    message: String,
+    transient: bool,
+}
+
+impl TxFailure {
+    fn from_sql(context: &'static str, e: &rusqlite::Error) -> Self {
+        TxFailure {
+            context,
+            code: e.sqlite_error().copied(),
+            message: e.to_string(),
+            transient: super::is_transient(e),
+        }
+    }
+
+    fn other(context: &'static str, message: impl Into<String>) -> Self {
+        TxFailure { context, code: None, message: message.into(), transient: false }
+    }
+
+    /// A fresh error for one waiter; the rusqlite cause is rebuilt from its code.
+    fn to_error(&self) -> Error {
+        let message = format!("{}: {}", self.context, self.message);
+        match self.code {
+            Some(code) => Error::store(
+                BACKEND,
+                message,
+                self.transient,
+                rusqlite::Error::SqliteFailure(code, Some(self.message.clone())),
+            ),
+            None => Error::Store { backend: BACKEND, message, transient: self.transient, source: None },
+        }
+    }
+}
+
+/// Owns the write connection; runs on its own OS thread.
+pub(crate) struct Writer {
+    pub(crate) conn: Connection,
+    /// Largest generation handed out.
+    pub(crate) generation: i64,
+    /// Largest generation known to be committed in `meta`.
+    pub(crate) persisted: i64,
+    pub(crate) rx: Receiver<Box<dyn Job>>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) lock: ProcessLock,
+}
+
+impl Writer {
+    /// The thread body: group-commit until every sender is gone.
+    pub(crate) fn run(mut self) {
+        while let Ok(first) = self.rx.recv() {
+            let mut weight = first.weight();
+            let mut batch = vec![first];
+            while batch.len() < MAX_MESSAGES_PER_COMMIT && weight < MAX_ROWS_PER_COMMIT {
+                match self.rx.try_recv() {
+                    Ok(job) => {
+                        weight += job.weight();
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.stats.dequeued.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.stats.largest_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
+            let failure = self.commit_group(&mut batch).err();
+            match &failure {
+                None => {
+                    self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(f) => {
+                    self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(jobs = batch.len(), error = %f.message, "sqlite group commit failed");
+                }
+            }
+            for job in batch {
+                job.finish(failure.as_ref());
+            }
+        }
+        let Writer { conn, lock, .. } = self;
+        if let Err((_, e)) = conn.close() {
+            tracing::warn!(error = %e, "closing the sqlite write connection failed");
+        }
+        drop(lock);
+    }
+
+    /// Runs one group in one transaction, each job in its own savepoint.
+    fn commit_group(&mut self, batch: &mut [Box<dyn Job>]) -> std::result::Result<(), TxFailure> {
+        exec(&self.conn, "BEGIN IMMEDIATE").map_err(|e| TxFailure::from_sql("begin", &e))?;
+        match self.run_jobs(batch) {
+            Ok(()) => {}
+            Err(f) => {
+                self.rollback();
+                return Err(f);
+            }
+        }
+        if let Err(e) = exec(&self.conn, "COMMIT") {
+            self.rollback();
+            return Err(TxFailure::from_sql("commit", &e));
+        }
+        self.persisted = self.generation;
+        Ok(())
+    }
+
+    fn run_jobs(&mut self, batch: &mut [Box<dyn Job>]) -> std::result::Result<(), TxFailure> {
+        for job in batch.iter_mut() {
+            let savepoint = job.needs_savepoint();
+            if savepoint {
+                exec(&self.conn, "SAVEPOINT overdue_job")
+                    .map_err(|e| TxFailure::from_sql("savepoint", &e))?;
+            }
+            let ok = job.run(&mut WriteCtx { conn: &self.conn, generation: &mut self.generation });
+            if self.conn.is_autocommit() {
+                // SQLite rolled the whole transaction back (I/O error, disk full, …) or a write
+                // closure ended it. Nothing of this group can be trusted to commit.
+                return Err(TxFailure::other(
+                    "group commit",
+                    "the transaction ended inside a job (an I/O error, or a write closure ran \
+                     COMMIT/ROLLBACK); every write of this group was abandoned",
+                ));
+            }
+            if !ok {
+                self.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
+            }
+            if savepoint {
+                if !ok {
+                    exec(&self.conn, "ROLLBACK TO overdue_job")
+                        .map_err(|e| TxFailure::from_sql("rollback to savepoint", &e))?;
+                }
+                exec(&self.conn, "RELEASE overdue_job")
+                    .map_err(|e| TxFailure::from_sql("release savepoint", &e))?;
+            }
+        }
+        if self.generation > self.persisted {
+            self.conn
+                .prepare_cached(Q.store_generation)
+                .and_then(|mut s| s.execute([self.generation]))
+                .map_err(|e| TxFailure::from_sql("store generation", &e))?;
+        }
+        Ok(())
+    }
+
+    fn rollback(&self) {
+        if !self.conn.is_autocommit()
+            && let Err(e) = exec(&self.conn, "ROLLBACK")
+        {
+            tracing::warn!(error = %e, "sqlite rollback failed");
+        }
+    }
+}
+
+/// Runs a parameterless statement through the statement cache.
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// Converts an API generation to the stored integer; `None` if it cannot be stored (and so
+/// cannot match anything).
+fn gen_in(generation: u64) -> Option<i64> {
+    i64::try_from(generation).ok()
+}
+
+fn attempts_out(attempts: i64) -> u32 {
+    u32::try_from(attempts.max(0)).unwrap_or(u32::MAX)
+}
+
+/// What a write closure gets: the write connection, inside the group-commit transaction and the
+/// closure's own savepoint, and the timer operations that share the store's generation counter.
+///
+/// Use [`WriteCtx::connection`] for your own SQL (e.g. the order tables) and
+/// [`WriteCtx::schedule`] / [`WriteCtx::cancel`] / [`WriteCtx::reschedule`] for timers, and it all
+/// commits together or not at all. Never run `BEGIN`, `COMMIT`, `ROLLBACK` or `RELEASE` of an
+/// outer savepoint yourself: the transaction belongs to the whole group (the writer detects an
+/// ended transaction and fails the group). Nested `SAVEPOINT`s of your own are fine.
+pub struct WriteCtx<'a> {
+    conn: &'a Connection,
+    generation: &'a mut i64,
+}
+
+impl std::fmt::Debug for WriteCtx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteCtx").field("generation", &self.generation).finish_non_exhaustive()
+    }
+}
+
+impl<'a> WriteCtx<'a> {
+    /// The write connection. Prefer `prepare_cached` for statements run often.
+    pub fn connection(&self) -> &'a Connection {
+        self.conn
+    }
+
+    fn next_generation(&mut self) -> i64 {
+        *self.generation += 1;
+        *self.generation
+    }
+
+    /// Upserts timers exactly as [`overdue_core::Store::schedule`] does, all or none (in a nested
+    /// savepoint). The specs must already be validated (`Limits::check`) and free of duplicates.
+    /// Returns the new generations in input order.
+    pub fn schedule(&mut self, specs: &[TimerSpec], now: i64) -> Result<Vec<u64>> {
+        self.nested("schedule", |ctx| ctx.upsert_all(specs, now))
+    }
+
+    /// Removes a timer, as [`overdue_core::Store::cancel`]; returns the removed generation.
+    pub fn cancel(&mut self, queue: &str, key: &str) -> Result<Option<u64>> {
+        let mut stmt = self.conn.prepare_cached(Q.cancel_timer).store_err("cancel")?;
+        let removed =
+            stmt.query_row(params![queue, key], |row| row.get::<_, i64>(0)).optional().store_err("cancel")?;
+        Ok(removed.map(gen_out))
+    }
+
+    /// Moves a timer, as [`overdue_core::Store::reschedule`]; returns the new generation.
+    pub fn reschedule(&mut self, queue: &str, key: &str, due_at: i64, now: i64) -> Result<Option<u64>> {
+        let generation = self.next_generation();
+        let mut stmt = self.conn.prepare_cached(Q.reschedule_timer).store_err("reschedule")?;
+        let changed = stmt.execute(params![queue, key, due_at, generation, now]).store_err("reschedule")?;
+        Ok((changed > 0).then(|| gen_out(generation)))
+    }
+
+    /// Runs `f` in a savepoint of its own, so an error leaves nothing behind.
+    fn nested<T>(&mut self, what: &str, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        exec(self.conn, "SAVEPOINT overdue_ctx").store_err(what)?;
+        match f(self) {
+            Ok(v) => {
+                exec(self.conn, "RELEASE overdue_ctx").store_err(what)?;
+                Ok(v)
+            }
+            Err(e) => {
+                if let Err(re) = exec(self.conn, "ROLLBACK TO overdue_ctx")
+                    .and_then(|()| exec(self.conn, "RELEASE overdue_ctx"))
+                {
+                    tracing::warn!(error = %re, "rolling back a nested savepoint failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The upsert loop, without a savepoint of its own (the store's jobs have one already).
+    pub(crate) fn upsert_all(&mut self, specs: &[TimerSpec], now: i64) -> Result<Vec<u64>> {
+        let mut stmt = self.conn.prepare_cached(Q.upsert_timer).store_err("schedule")?;
+        let mut out = Vec::with_capacity(specs.len());
+        for s in specs {
+            let generation = *self.generation + 1;
+            *self.generation = generation;
+            stmt.execute(params![s.queue, s.key, s.due_at, s.payload, generation, now])
+                .map_err(|e| sql_error("schedule", e))?;
+            out.push(gen_out(generation));
+        }
+        Ok(out)
+    }
+
+    /// Claims the given generations (see the claim contract in `overdue_core::store`).
+    pub(crate) fn claim(
+        &mut self,
+        timers: &[TimerRef],
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<Claimed>> {
+        let mut stmt = self.conn.prepare_cached(Q.claim_timer).store_err("claim")?;
+        let mut out = Vec::new();
+        for t in timers {
+            let Some(generation) = gen_in(t.generation) else { continue };
+            let row = stmt
+                .query_row(params![t.queue, t.key, generation, now, owner, lease_until], |row| {
+                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+                })
+                .optional()
+                .store_err("claim")?;
+            if let Some((payload, attempts, due_at)) = row {
+                let timer =
+                    TimerRef { queue: t.queue.clone(), key: t.key.clone(), generation: t.generation, due_at };
+                out.push(Claimed { timer, payload, attempts: attempts_out(attempts) });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finds due, unclaimed timers earliest first and claims them, in one statement.
+    pub(crate) fn claim_due(
+        &mut self,
+        now: i64,
+        due_before: i64,
+        limit: u32,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<Vec<Claimed>> {
+        let mut stmt = self.conn.prepare_cached(Q.claim_due).store_err("claim due")?;
+        let rows = stmt
+            .query_map(params![due_before.min(now), now, limit, owner, lease_until], |row| {
+                let timer = TimerRef {
+                    queue: row.get(0)?,
+                    key: row.get(1)?,
+                    generation: gen_out(row.get(2)?),
+                    due_at: row.get(3)?,
+                };
+                Ok(Claimed { timer, payload: row.get(4)?, attempts: attempts_out(row.get(5)?) })
+            })
+            .store_err("claim due")?;
+        let mut claimed = rows.collect::<rusqlite::Result<Vec<_>>>().store_err("claim due")?;
+        // RETURNING comes in storage order; the contract is earliest first.
+        claimed.sort_unstable_by(|a, b| {
+            (a.timer.due_at, &a.timer.queue, &a.timer.key).cmp(&(
+                b.timer.due_at,
+                &b.timer.queue,
+                &b.timer.key,
+            ))
+        });
+        Ok(claimed)
+    }
+
+    /// Applies handler outcomes; each applies only while the generation is unchanged.
+    pub(crate) fn settle(&mut self, batch: &[Settlement], now: i64) -> Result<()> {
+        for s in batch {
+            let t = s.timer();
+            let Some(generation) = gen_in(t.generation) else { continue };
+            match s {
+                Settlement::Done(_) => {
+                    let mut stmt = self.conn.prepare_cached(Q.settle_done).store_err("settle done")?;
+                    stmt.execute(params![t.queue, t.key, generation]).store_err("settle done")?;
+                }
+                Settlement::Retry { due_at, attempts, error, .. } => {
+                    let mut stmt = self.conn.prepare_cached(Q.settle_retry).store_err("settle retry")?;
+                    stmt.execute(params![t.queue, t.key, generation, due_at, attempts, error, now])
+                        .store_err("settle retry")?;
+                }
+                Settlement::DeadLetter { attempts, error, failed_at, .. } => {
+                    let mut stmt = self.conn.prepare_cached(Q.dead_letter_timer).store_err("dead-letter")?;
+                    let moved = stmt
+                        .execute(params![t.queue, t.key, generation, attempts, error, failed_at])
+                        .store_err("dead-letter")?;
+                    if moved > 0 {
+                        let mut stmt = self.conn.prepare_cached(Q.settle_done).store_err("dead-letter")?;
+                        stmt.execute(params![t.queue, t.key, generation]).store_err("dead-letter")?;
+                    }
+                }
+                Settlement::Release(_) => {
+                    let mut stmt = self.conn.prepare_cached(Q.settle_release).store_err("settle release")?;
+                    stmt.execute(params![t.queue, t.key, generation]).store_err("settle release")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a dead letter back into the timers with a new generation.
+    pub(crate) fn replay(&mut self, id: i64, due_at: i64, now: i64) -> Result<Option<u64>> {
+        let letter = {
+            let mut stmt = self.conn.prepare_cached(Q.select_dead_letter).store_err("replay")?;
+            stmt.query_row([id], |row| {
+                Ok(TimerSpec { queue: row.get(0)?, key: row.get(1)?, due_at, payload: row.get(2)? })
+            })
+            .optional()
+            .store_err("replay")?
+        };
+        let Some(spec) = letter else { return Ok(None) };
+        let generation = self.upsert_all(std::slice::from_ref(&spec), now)?;
+        let mut stmt = self.conn.prepare_cached(Q.delete_dead_letter).store_err("replay")?;
+        stmt.execute([id]).store_err("replay")?;
+        Ok(generation.first().copied())
+    }
+}

@@ -1,0 +1,55 @@
+//! # overdue
+//!
+//! The crate applications depend on. It re-exports the timer model ([`TimerSpec`], [`Firing`],
+//! [`Outcome`]…), the [`Engine`], the timing [`wheel`], and each store behind its cargo feature,
+//! and picks a store by URL with [`open`].
+//!
+//! | URL | store | feature |
+//! |---|---|---|
+//! | `sqlite:PATH` / `sqlite://PATH` | embedded SQLite ([`sqlite::SqliteStore`]) | `sqlite` (default) |
+//!
+//! Later backends (PostgreSQL, MySQL, Redis, brokers) add rows here and arms to [`open`].
+
+use std::sync::Arc;
+
+pub use overdue_core::{
+    Capabilities, Claimed, Clock, DeadLetter, DeadLetterQuery, Error, Firing, Limits, ListQuery,
+    ManualClock, Outcome, QueueCount, Result, Settlement, Store, SystemClock, Timer, TimerRef,
+    TimerSpec, TimerState, limits,
+};
+pub use overdue_engine::{
+    Engine, EngineBuilder, EngineConfig, EngineStats, Handler, LatenessSummary, QueueConfig,
+    ShutdownReport, TriggerKind,
+};
+
+/// The hierarchical timing wheel.
+pub mod wheel {
+    pub use overdue_wheel::*;
+}
+
+/// The embedded SQLite store.
+#[cfg(feature = "sqlite")]
+pub mod sqlite {
+    pub use overdue_sql::sqlite::*;
+}
+
+/// The default store URL: an SQLite file under `./overdue-data/`.
+pub const DEFAULT_STORE_URL: &str = "sqlite:overdue-data/overdue.db";
+
+/// Opens the store a URL names. Unknown or not-compiled-in schemes are a clear
+/// [`Error::Config`].
+pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
+    let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
+    match scheme {
+        #[cfg(feature = "sqlite")]
+        "sqlite" => Ok(Arc::new(overdue_sql::sqlite::SqliteStore::open_url(url).await?)),
+        "postgres" | "postgresql" | "mysql" | "redis" | "redisson" | "amqp" | "kafka" | "rocketmq" => {
+            Err(Error::Config(format!(
+                "the {scheme}:// backend is not built into this version of overdue; available: sqlite:PATH"
+            )))
+        }
+        _ => Err(Error::Config(format!(
+            "cannot tell the backend from {url:?}: expected a URL such as sqlite:overdue-data/overdue.db"
+        ))),
+    }
+}
