@@ -704,7 +704,9 @@ async fn run_one(shared: Arc<Shared>, rt: Arc<QueueRt>, c: Claimed, permit: toki
         attempt: c.attempts + 1,
         fired_at: now,
     };
-    let run = tokio::time::timeout(rt.cfg.timeout, AssertUnwindSafe(handler.call(firing)).catch_unwind());
+    // The call itself runs inside catch_unwind too: a handler may panic before its first await.
+    let call = async move { handler.call(firing).await };
+    let run = tokio::time::timeout(rt.cfg.timeout, AssertUnwindSafe(call).catch_unwind());
     let outcome = tokio::select! {
         biased;
         _ = shared.abort_handlers.cancelled() => None,

@@ -181,6 +181,9 @@ impl MemIndex {
                 out.push(entry.timer);
             }
         }
+        // The wheel fires timers that were inserted already overdue before the rest, in no
+        // particular order; hand every batch over in due order.
+        out.sort_by_key(|t| t.due_at);
     }
 }
 
