@@ -264,7 +264,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let pb = bar(args.far, "far", quiet);
         let year = overdue::limits::YEAR_MS;
         let now = overdue::SystemClock.now_ms();
-        let rate = produce(&engine, args.far, args.producers, args.batch.max(1000).min(overdue::limits::MAX_BATCH),
+        let rate = produce(&engine, args.far, args.producers, args.batch.clamp(1000, overdue::limits::MAX_BATCH),
             move |i| now + year + (i as i64 % 86_400_000), "far", &pb).await?;
         pb.finish_and_clear();
         let (rss, _) = rss_bytes();
@@ -294,7 +294,7 @@ fn print_table(r: &Report) {
         println!("{:<34} {:>18}", "  lateness p99 / max", format!("{} / {} ms", s.lateness_p99_ms, s.lateness_max_ms));
     }
     if let Some(f) = &r.far {
-        println!("{:<34} {:>18}", format!("far-future timers stored"), thousands(f.timers));
+        println!("{:<34} {:>18}", "far-future timers stored", thousands(f.timers));
         println!("{:<34} {:>18}", "  scheduled at", format!("{} /s", thousands(f.schedule_per_sec as u64)));
         println!("{:<34} {:>18}", "  RSS afterwards", mb(f.rss_bytes));
         println!("{:<34} {:>18}", "  held in memory", thousands(f.resident_in_memory));

@@ -147,11 +147,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             })
             .handler("order.remind", QueueConfig::default(), move |f: Firing| {
                 let mut orders = s2.orders.lock();
-                if let Some(o) = orders.get_mut(&f.key) {
-                    if o.status == Status::PendingPayment && o.reminded == 0 {
-                        o.reminded += 1;
-                        rb.inc(1);
-                    }
+                if let Some(o) = orders.get_mut(&f.key)
+                    && o.status == Status::PendingPayment
+                    && o.reminded == 0
+                {
+                    o.reminded += 1;
+                    rb.inc(1);
                 }
                 async { Outcome::Done }
             })

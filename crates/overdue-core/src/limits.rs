@@ -135,7 +135,8 @@ mod tests {
     fn rejects_each_bad_field_with_its_own_error() {
         let l = Limits::default();
         let now = 1_700_000_000_000;
-        let cases: Vec<(TimerSpec, fn(&Error) -> bool)> = vec![
+        type IsExpected = fn(&Error) -> bool;
+        let cases: Vec<(TimerSpec, IsExpected)> = vec![
             (spec("", "k", now, 0), |e| matches!(e, Error::InvalidQueue { .. })),
             (spec(&"q".repeat(65), "k", now, 0), |e| matches!(e, Error::InvalidQueue { .. })),
             (spec("a b", "k", now, 0), |e| matches!(e, Error::InvalidQueue { .. })),

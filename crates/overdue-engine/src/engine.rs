@@ -915,7 +915,8 @@ async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender
             _ = shared.wake.notified() => {}
             w = pass_rx.recv() => match w {
                 Some(w) => waiters.push(w),
-                None => {}
+                // The engine handle is gone.
+                None => break,
             },
         }
     }
