@@ -521,7 +521,8 @@ impl Shared {
         let target = now.saturating_add(horizon);
         let mut cursor = {
             let ix = index.lock();
-            if ix.covered_until >= now.saturating_add(horizon / 2) {
+            // Covered far enough ahead, or at the memory cap: wait for the index to drain.
+            if ix.covered_until >= now.saturating_add(horizon / 2) || ix.len() >= self.cfg.max_resident {
                 return Ok(());
             }
             ix.cursor.clone()
@@ -547,9 +548,7 @@ impl Shared {
             if let Some(last) = refs.last() {
                 cursor = Some((last.due_at, last.queue.clone(), last.key.clone()));
             }
-            let mut earliest = i64::MAX;
             for r in refs {
-                earliest = earliest.min(r.due_at);
                 ix.upsert(r);
             }
             self.stats.resident.store(ix.len() as u64, Relaxed);
@@ -564,8 +563,6 @@ impl Shared {
                 ix.cursor = cursor;
                 return Ok(());
             }
-            drop(ix);
-            let _ = earliest;
         }
     }
 
@@ -847,22 +844,31 @@ async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender
                 }
             }
             TriggerKind::Wheel | TriggerKind::Heap => {
-                if let Err(e) = shared.load_horizon(now).await {
-                    tracing::warn!(error = %e, "loading the horizon failed");
-                    store_ok = false;
-                }
-                if let Some(ix) = &shared.index {
-                    let mut ix = ix.lock();
-                    ix.pop_due(now, &mut due);
-                    shared.stats.resident.store(ix.len() as u64, Relaxed);
-                }
-                if !due.is_empty() {
+                // Load, pop, fire — again while the loader still finds due timers (after a
+                // pause, or at the memory cap, one page at a time).
+                let mut covered = i64::MIN;
+                loop {
+                    if let Err(e) = shared.load_horizon(now).await {
+                        tracing::warn!(error = %e, "loading the horizon failed");
+                        store_ok = false;
+                    }
+                    if let Some(ix) = &shared.index {
+                        let mut ix = ix.lock();
+                        ix.pop_due(now, &mut due);
+                        covered = ix.covered_until;
+                        shared.stats.resident.store(ix.len() as u64, Relaxed);
+                    }
+                    if due.is_empty() || !store_ok {
+                        break;
+                    }
                     shared.fire_refs(std::mem::take(&mut due)).await;
                 }
                 if now >= next_backstop {
+                    // Only what the index should have held counts as missed: due within the
+                    // covered range and overdue by more than the slack.
                     let slack = shared.cfg.backstop_slack.as_millis() as i64;
                     loop {
-                        match shared.claim_due(now.saturating_sub(slack)).await {
+                        match shared.claim_due(now.saturating_sub(slack).min(covered)).await {
                             Ok((n, more)) => {
                                 if n > 0 {
                                     shared.stats.backstop_rescued.fetch_add(n as u64, Relaxed);
@@ -894,7 +900,12 @@ async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender
                     Some(ix) => {
                         let ix = ix.lock();
                         let half = shared.cfg.horizon.as_millis() as i64 / 2;
-                        (ix.next_due().unwrap_or(i64::MAX), ix.covered_until.saturating_sub(half))
+                        let refill = if ix.len() >= shared.cfg.max_resident {
+                            i64::MAX // at the cap: popping due timers is what makes room
+                        } else {
+                            ix.covered_until.saturating_sub(half)
+                        };
+                        (ix.next_due().unwrap_or(i64::MAX), refill)
                     }
                     None => (i64::MAX, i64::MAX),
                 };

@@ -1,0 +1,73 @@
+//! Engine behaviour beyond the shared contract: the memory cap of the in-memory index, and the
+//! backstop sweep that fires what no trigger woke up for. Virtual time, reference store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use overdue_core::{ManualClock, Outcome, Store, TimerSpec};
+use overdue_engine::{Engine, EngineConfig, QueueConfig, TriggerKind};
+use overdue_testkit::memory::MemoryStore;
+use overdue_testkit::{Recorder, T0};
+
+async fn engine(store: Arc<dyn Store>, clock: &ManualClock, config: EngineConfig, rec: &Recorder) -> Engine {
+    Engine::builder(store)
+        .clock(Arc::new(clock.clone()))
+        .config(config)
+        .handler("q", QueueConfig { concurrency: 1, ..QueueConfig::default() }, rec.handler(|_| Outcome::Done))
+        .start()
+        .await
+        .expect("start")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_index_stays_near_its_cap_and_still_fires_everything_in_order() {
+    for trigger in [TriggerKind::Wheel, TriggerKind::Heap] {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        // Written straight into the store, as another process would: the loader must page them.
+        let specs: Vec<TimerSpec> = (0..30_000).map(|i| TimerSpec::new("q", format!("k{i:05}"), T0 + 1 + i)).collect();
+        for chunk in specs.chunks(10_000) {
+            store.schedule(chunk.to_vec(), T0).await.expect("schedule");
+        }
+        let clock = ManualClock::new(T0);
+        let rec = Recorder::default();
+        let config = EngineConfig { trigger, max_resident: 10_000, horizon: Duration::from_secs(3_600), ..EngineConfig::default() };
+        let e = engine(store, &clock, config, &rec).await;
+        e.settle().await;
+        let resident = e.stats().resident;
+        assert!(resident <= 20_000, "{trigger}: {resident} references in memory with a cap of 10,000 (one page of slack allowed)");
+        assert!(rec.is_empty(), "{trigger}: fired before due");
+        clock.set(T0 + 40_000);
+        e.settle().await;
+        let due: Vec<i64> = rec.firings().iter().map(|f| f.due_at).collect();
+        assert_eq!(due.len(), 30_000, "{trigger}: not every timer fired");
+        assert!(due.windows(2).all(|w| w[0] <= w[1]), "{trigger}: out of due order");
+        assert_eq!(e.stats().backstop_rescued, 0, "{trigger}: the loader, not the backstop, should have fired them");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backstop_fires_a_timer_no_trigger_knew_about_and_counts_it() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(T0);
+    let rec = Recorder::default();
+    let config = EngineConfig {
+        backstop_interval: Duration::from_secs(5),
+        backstop_slack: Duration::from_secs(2),
+        ..EngineConfig::default()
+    };
+    let e = engine(store.clone(), &clock, config, &rec).await;
+    e.settle().await; // the horizon now covers T0 .. T0+30 s
+    // Another writer puts a timer inside the covered range, behind the engine's back: the wheel
+    // never hears of it (the situation of a lost wake-up).
+    store.schedule(vec![TimerSpec::new("q", "orphan", T0 + 1_000)], T0).await.expect("schedule");
+    clock.set(T0 + 2_999);
+    e.settle().await;
+    assert!(rec.is_empty(), "nothing should know about the orphan yet");
+    // The backstop runs every 5 s and takes what is more than 2 s overdue.
+    clock.set(T0 + 5_000);
+    e.settle().await;
+    assert_eq!(rec.keys(), ["orphan"]);
+    let stats = e.stats();
+    assert_eq!(stats.backstop_rescued, 1, "{stats:?}");
+    assert!(rec.firings()[0].fired_at - rec.firings()[0].due_at <= 5_000);
+}
