@@ -28,6 +28,7 @@
 //! [`SqliteStore::open`] and every read use `tokio::task::spawn_blocking`, so they must be called
 //! inside a tokio runtime. Writes only need an executor to await a oneshot reply.
 
+mod checkpoint;
 mod lock;
 mod read;
 mod schema;
@@ -252,6 +253,8 @@ struct Inner {
     writer: Option<JoinHandle<()>>,
     readers: Arc<ReadPool>,
     stats: Arc<Stats>,
+    /// Stopped (joined) before the writer releases the process lock.
+    checkpointer: Option<checkpoint::Checkpointer>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -267,6 +270,7 @@ impl fmt::Debug for SqliteStore {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.readers.close();
+        drop(self.checkpointer.take());
         // Closing the channel ends the writer loop after its current group.
         drop(self.tx.take());
         if let Some(handle) = self.writer.take() {
@@ -327,6 +331,7 @@ impl SqliteStore {
         let found = schema::migrate(&mut conn, &path)?;
         let (generation, cleared) = schema::recover(&mut conn)?;
         let readers = Arc::new(ReadPool::open(path.clone(), opts.clone())?);
+        let checkpointer = checkpoint::Checkpointer::start(&path, &opts)?;
         tracing::info!(
             db = %path.display(),
             lock = %lock.path().display(),
@@ -345,7 +350,7 @@ impl SqliteStore {
             .spawn(move || writer.run())
             .map_err(|e| Error::store(BACKEND, format!("cannot start the writer thread: {e}"), false, e))?;
         Ok(SqliteStore {
-            inner: Arc::new(Inner { path, opts, tx: Some(tx), writer: Some(handle), readers, stats }),
+            inner: Arc::new(Inner { path, opts, tx: Some(tx), writer: Some(handle), readers, stats, checkpointer: Some(checkpointer) }),
         })
     }
 

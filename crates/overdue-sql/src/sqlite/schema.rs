@@ -18,7 +18,7 @@ const PAGE_SIZE: u32 = 4096;
 const STATEMENT_CACHE: usize = 64;
 
 impl Durability {
-    fn synchronous(self) -> &'static str {
+    pub(crate) fn synchronous(self) -> &'static str {
         match self {
             Durability::Buffer => "OFF",
             Durability::Normal => "NORMAL",
