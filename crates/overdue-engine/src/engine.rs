@@ -59,6 +59,7 @@ pub struct EngineBuilder {
     limits: Limits,
     default_queue: QueueConfig,
     handlers: HashMap<String, (Arc<dyn Handler>, QueueConfig)>,
+    fallback: Option<(Arc<dyn Handler>, QueueConfig)>,
 }
 
 impl std::fmt::Debug for EngineBuilder {
@@ -102,6 +103,14 @@ impl EngineBuilder {
         self
     }
 
+    /// Registers the handler for every queue that has none of its own (for example generic
+    /// timers whose queue names come from users). Without it, such timers fail with
+    /// "no handler registered" and end in the dead-letter table.
+    pub fn fallback_handler(mut self, config: QueueConfig, handler: impl Handler) -> Self {
+        self.fallback = Some((Arc::new(handler), config));
+        self
+    }
+
     /// Registers a shared handler for `queue`.
     pub fn handler_arc(mut self, queue: impl Into<String>, config: QueueConfig, handler: Arc<dyn Handler>) -> Self {
         self.handlers.insert(queue.into(), (handler, config));
@@ -131,6 +140,16 @@ impl EngineBuilder {
             worker_rxs.push((rt.clone(), rx));
             queues.insert(queue, rt);
         }
+        let fallback = match self.fallback {
+            Some((handler, cfg)) => {
+                cfg.validate(self.config.lease)?;
+                let (tx, rx) = mpsc::unbounded_channel();
+                let rt = Arc::new(QueueRt { name: "*".to_owned(), cfg, handler: Some(handler), tx });
+                worker_rxs.push((rt.clone(), rx));
+                Some(rt)
+            }
+            None => None,
+        };
         let claim_batch = (self.config.claim_batch as usize).min(self.config.max_in_flight);
         let shared = Arc::new(Shared {
             store: self.store,
@@ -142,6 +161,7 @@ impl EngineBuilder {
             default_queue: self.default_queue,
             node_id,
             queues,
+            fallback,
             index,
             wake: Notify::new(),
             planned_wake: AtomicI64::new(i64::MIN),
@@ -204,6 +224,7 @@ impl Engine {
             limits: Limits::default(),
             default_queue: QueueConfig::default(),
             handlers: HashMap::new(),
+            fallback: None,
         }
     }
 
@@ -289,6 +310,18 @@ impl Engine {
             .ok_or_else(|| Error::NotFound { queue: queue.to_owned(), key: key.to_owned() })?;
         self.shared.note_upsert(queue, key, generation, due_at);
         Ok(generation)
+    }
+
+    /// Tells the engine about timers written to the store outside [`Engine::schedule`], for
+    /// example in the caller's own transaction (an order and its close timer committed together).
+    /// Without this a wheel/heap trigger would only learn of a timer due within the horizon from
+    /// the backstop sweep, seconds late. Cancels need no such call: a stale wake-up is dropped at
+    /// its claim.
+    pub fn track(&self, timers: impl IntoIterator<Item = TimerRef>) {
+        for t in timers {
+            self.shared.stats.scheduled.fetch_add(1, Relaxed);
+            self.shared.note_upsert(&t.queue, &t.key, t.generation, t.due_at);
+        }
     }
 
     /// Makes a timer due now.
@@ -461,6 +494,8 @@ struct Shared {
     default_queue: QueueConfig,
     node_id: String,
     queues: HashMap<String, Arc<QueueRt>>,
+    /// Runs the queues that have no handler of their own, if set.
+    fallback: Option<Arc<QueueRt>>,
     index: Option<Mutex<MemIndex>>,
     /// Wakes the driver early (a schedule due before its planned wake-up).
     wake: Notify,
@@ -624,7 +659,7 @@ impl Shared {
         }
         self.add_in_flight(claimed.len() as u64);
         for c in claimed {
-            match self.queues.get(&c.timer.queue) {
+            match self.queues.get(&c.timer.queue).or(self.fallback.as_ref()) {
                 Some(rt) => {
                     if let Err(mpsc::error::SendError(c)) = rt.tx.send(c) {
                         // The worker is gone (shutdown): release so the timer fires again.
@@ -691,7 +726,7 @@ async fn queue_worker(shared: Arc<Shared>, rt: Arc<QueueRt>, mut rx: mpsc::Unbou
 async fn run_one(shared: Arc<Shared>, rt: Arc<QueueRt>, c: Claimed, permit: tokio::sync::OwnedSemaphorePermit) {
     let Some(handler) = rt.handler.clone() else { return };
     let now = shared.clock.now_ms();
-    shared.stats.record_fire(&rt.name, now - c.timer.due_at);
+    shared.stats.record_fire(&c.timer.queue, now - c.timer.due_at);
     let firing = Firing {
         queue: c.timer.queue.clone(),
         key: c.timer.key.clone(),

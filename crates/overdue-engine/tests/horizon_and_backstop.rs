@@ -71,3 +71,41 @@ async fn the_backstop_fires_a_timer_no_trigger_knew_about_and_counts_it() {
     assert_eq!(stats.backstop_rescued, 1, "{stats:?}");
     assert!(rec.firings()[0].fired_at - rec.firings()[0].due_at <= 5_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_written_in_the_callers_transaction_and_tracked_fires_on_time() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(T0);
+    let rec = Recorder::default();
+    let e = engine(store.clone(), &clock, EngineConfig::default(), &rec).await;
+    e.settle().await;
+    // As the order service does: its own transaction writes the timer, then tells the engine.
+    let generation = store.schedule(vec![TimerSpec::new("q", "tracked", T0 + 1_000)], T0).await.expect("schedule")[0];
+    e.track([overdue_core::TimerRef { queue: "q".into(), key: "tracked".into(), generation, due_at: T0 + 1_000 }]);
+    clock.set(T0 + 1_000);
+    e.settle().await;
+    assert_eq!(rec.keys(), ["tracked"], "a tracked timer fires at its due time, without the backstop");
+    assert_eq!(rec.firings()[0].fired_at, T0 + 1_000);
+    assert_eq!(e.stats().backstop_rescued, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_handler_runs_queues_without_their_own() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(T0);
+    let own = Recorder::default();
+    let fallback = Recorder::default();
+    let e = Engine::builder(store)
+        .clock(Arc::new(clock.clone()))
+        .handler("q", QueueConfig::default(), own.handler(|_| Outcome::Done))
+        .fallback_handler(QueueConfig::default(), fallback.handler(|_| Outcome::Done))
+        .start()
+        .await
+        .expect("start");
+    e.schedule(TimerSpec::new("q", "mine", T0)).await.expect("schedule");
+    e.schedule(TimerSpec::new("billing.retry", "inv-7", T0)).await.expect("schedule");
+    e.settle().await;
+    assert_eq!(own.keys(), ["mine"]);
+    let f = fallback.firings();
+    assert_eq!(f.iter().map(|f| (f.queue.as_str(), f.key.as_str())).collect::<Vec<_>>(), [("billing.retry", "inv-7")]);
+}
