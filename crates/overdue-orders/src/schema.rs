@@ -1,0 +1,325 @@
+//! The order tables, as versioned migrations for SQLite (executed) and PostgreSQL / MySQL
+//! (written out so those stores can follow; **untested** until they exist).
+//!
+//! ## Ground rules every dialect keeps
+//!
+//! - The same tables and columns everywhere: `products`, `orders`, `order_items`,
+//!   `order_events` (`UNIQUE (order_id, kind)`: a transition happens at most once per order),
+//!   `outbox`. Money is integer cents (`BIGINT`), times are `BIGINT` milliseconds since the Unix
+//!   epoch, ids are short ASCII text compared **bytewise** (SQLite `BINARY`, PostgreSQL
+//!   `COLLATE "C"`, MySQL `utf8mb4_bin`) so `id < ?` paging visits rows in the same order on
+//!   every database.
+//! - The order schema is versioned on its own, in `order_schema_version`, next to (not inside)
+//!   the timer store's `overdue_schema`: the two evolve independently in one database. Versions
+//!   only grow; a released step is never edited (add a new one). [`migrate_sqlite`] refuses a
+//!   database whose recorded order schema is newer than this build.
+//! - Indexes serve exactly the queries the service runs: `orders (status, id)` and
+//!   `orders (buyer, id)` for newest-first listing, `order_events (kind)` for the transition
+//!   counters, `outbox (delivered_at, id)` for the relay's "pending, oldest first".
+//! - Foreign keys are declared for the reader and enforced by PostgreSQL / MySQL; SQLite does
+//!   not enforce them (the store leaves `PRAGMA foreign_keys` off), and the service never writes
+//!   an orphan: items and events are inserted in the same write as their order.
+//!
+//! | concern | SQLite | PostgreSQL | MySQL 8 |
+//! |---|---|---|---|
+//! | auto-increment id | `INTEGER PRIMARY KEY` (rowid) | `GENERATED ALWAYS AS IDENTITY` | `AUTO_INCREMENT` |
+//! | "insert once" | `ON CONFLICT DO NOTHING` | `ON CONFLICT DO NOTHING` | `INSERT IGNORE` |
+//! | transition result | `UPDATE … RETURNING` | `UPDATE … RETURNING` | `UPDATE`, then `SELECT` in the same transaction |
+//! | text columns | `TEXT` (`STRICT` tables) | `TEXT COLLATE "C"` | `VARCHAR(n) … COLLATE utf8mb4_bin` |
+
+use overdue_sql::dialect::{Dialect, Migration};
+use overdue_sql::SqlResultExt;
+use rusqlite::{Connection, OptionalExtension, params};
+
+
+/// The table that records applied order-schema steps (same name in every dialect).
+pub const VERSION_TABLE: &str = "order_schema_version";
+
+const SQLITE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS order_schema_version (
+    version    INTEGER PRIMARY KEY NOT NULL,
+    name       TEXT NOT NULL,
+    applied_at INTEGER NOT NULL
+) STRICT";
+
+const SQLITE_V1: &str = "
+CREATE TABLE products (
+    id          TEXT PRIMARY KEY NOT NULL,
+    name        TEXT NOT NULL,
+    price_cents INTEGER NOT NULL CHECK (price_cents >= 0),
+    stock       INTEGER NOT NULL CHECK (stock >= 0),
+    stock_total INTEGER NOT NULL CHECK (stock_total >= 0),
+    created_at  INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE orders (
+    id           TEXT PRIMARY KEY NOT NULL,
+    buyer        TEXT NOT NULL,
+    status       TEXT NOT NULL CHECK (status IN ('pending_payment', 'paid', 'shipped', 'completed',
+                     'closed', 'refund_requested', 'refunded', 'refund_rejected')),
+    total_cents  INTEGER NOT NULL CHECK (total_cents >= 0),
+    pay_deadline INTEGER NOT NULL,
+    created_at   INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    version      INTEGER NOT NULL,
+    close_reason TEXT
+) STRICT, WITHOUT ROWID;
+CREATE INDEX orders_status_id ON orders (status, id);
+CREATE INDEX orders_buyer_id ON orders (buyer, id);
+
+CREATE TABLE order_items (
+    order_id    TEXT NOT NULL REFERENCES orders (id),
+    product_id  TEXT NOT NULL REFERENCES products (id),
+    quantity    INTEGER NOT NULL CHECK (quantity > 0),
+    price_cents INTEGER NOT NULL CHECK (price_cents >= 0),
+    PRIMARY KEY (order_id, product_id)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE order_events (
+    id       INTEGER PRIMARY KEY,
+    order_id TEXT NOT NULL REFERENCES orders (id),
+    kind     TEXT NOT NULL,
+    at       INTEGER NOT NULL,
+    source   TEXT NOT NULL,
+    detail   TEXT,
+    UNIQUE (order_id, kind)
+) STRICT;
+CREATE INDEX order_events_kind ON order_events (kind);
+
+CREATE TABLE outbox (
+    id           INTEGER PRIMARY KEY,
+    topic        TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,
+    delivered_at INTEGER,
+    attempts     INTEGER NOT NULL DEFAULT 0
+) STRICT;
+CREATE INDEX outbox_pending ON outbox (delivered_at, id);
+";
+
+const POSTGRES_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS order_schema_version (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    applied_at BIGINT NOT NULL
+)";
+
+const POSTGRES_V1: &str = r#"
+CREATE TABLE products (
+    id          TEXT COLLATE "C" PRIMARY KEY,
+    name        TEXT NOT NULL,
+    price_cents BIGINT NOT NULL CHECK (price_cents >= 0),
+    stock       BIGINT NOT NULL CHECK (stock >= 0),
+    stock_total BIGINT NOT NULL CHECK (stock_total >= 0),
+    created_at  BIGINT NOT NULL
+);
+
+CREATE TABLE orders (
+    id           TEXT COLLATE "C" PRIMARY KEY,
+    buyer        TEXT COLLATE "C" NOT NULL,
+    status       TEXT NOT NULL CHECK (status IN ('pending_payment', 'paid', 'shipped', 'completed',
+                     'closed', 'refund_requested', 'refunded', 'refund_rejected')),
+    total_cents  BIGINT NOT NULL CHECK (total_cents >= 0),
+    pay_deadline BIGINT NOT NULL,
+    created_at   BIGINT NOT NULL,
+    updated_at   BIGINT NOT NULL,
+    version      BIGINT NOT NULL,
+    close_reason TEXT
+);
+CREATE INDEX orders_status_id ON orders (status, id);
+CREATE INDEX orders_buyer_id ON orders (buyer, id);
+
+CREATE TABLE order_items (
+    order_id    TEXT COLLATE "C" NOT NULL REFERENCES orders (id),
+    product_id  TEXT COLLATE "C" NOT NULL REFERENCES products (id),
+    quantity    BIGINT NOT NULL CHECK (quantity > 0),
+    price_cents BIGINT NOT NULL CHECK (price_cents >= 0),
+    PRIMARY KEY (order_id, product_id)
+);
+
+CREATE TABLE order_events (
+    id       BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    order_id TEXT COLLATE "C" NOT NULL REFERENCES orders (id),
+    kind     TEXT NOT NULL,
+    at       BIGINT NOT NULL,
+    source   TEXT NOT NULL,
+    detail   TEXT,
+    UNIQUE (order_id, kind)
+);
+CREATE INDEX order_events_kind ON order_events (kind);
+
+CREATE TABLE outbox (
+    id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    topic        TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    created_at   BIGINT NOT NULL,
+    delivered_at BIGINT,
+    attempts     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX outbox_pending ON outbox (delivered_at, id);
+"#;
+
+const MYSQL_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS order_schema_version (
+    version    INT PRIMARY KEY,
+    name       VARCHAR(200) NOT NULL,
+    applied_at BIGINT NOT NULL
+) ENGINE = InnoDB";
+
+/// MySQL commits each DDL statement on its own, so every statement of a step must be safe to
+/// re-run after a crash halfway through (`IF NOT EXISTS`; MySQL 8.0.29+ has no
+/// `CREATE INDEX IF NOT EXISTS`, hence the indexes inside `CREATE TABLE`).
+const MYSQL_V1: &str = "
+CREATE TABLE IF NOT EXISTS products (
+    id          VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PRIMARY KEY,
+    name        VARCHAR(200) CHARACTER SET utf8mb4 NOT NULL,
+    price_cents BIGINT NOT NULL CHECK (price_cents >= 0),
+    stock       BIGINT NOT NULL CHECK (stock >= 0),
+    stock_total BIGINT NOT NULL CHECK (stock_total >= 0),
+    created_at  BIGINT NOT NULL
+) ENGINE = InnoDB;
+
+CREATE TABLE IF NOT EXISTS orders (
+    id           VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PRIMARY KEY,
+    buyer        VARCHAR(128) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    status       VARCHAR(32) NOT NULL CHECK (status IN ('pending_payment', 'paid', 'shipped',
+                     'completed', 'closed', 'refund_requested', 'refunded', 'refund_rejected')),
+    total_cents  BIGINT NOT NULL CHECK (total_cents >= 0),
+    pay_deadline BIGINT NOT NULL,
+    created_at   BIGINT NOT NULL,
+    updated_at   BIGINT NOT NULL,
+    version      BIGINT NOT NULL,
+    close_reason VARCHAR(32),
+    INDEX orders_status_id (status, id),
+    INDEX orders_buyer_id (buyer, id)
+) ENGINE = InnoDB;
+
+CREATE TABLE IF NOT EXISTS order_items (
+    order_id    VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    product_id  VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    quantity    BIGINT NOT NULL CHECK (quantity > 0),
+    price_cents BIGINT NOT NULL CHECK (price_cents >= 0),
+    PRIMARY KEY (order_id, product_id),
+    FOREIGN KEY (order_id) REFERENCES orders (id),
+    FOREIGN KEY (product_id) REFERENCES products (id)
+) ENGINE = InnoDB;
+
+CREATE TABLE IF NOT EXISTS order_events (
+    id       BIGINT AUTO_INCREMENT PRIMARY KEY,
+    order_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    kind     VARCHAR(32) NOT NULL,
+    at       BIGINT NOT NULL,
+    source   VARCHAR(64) NOT NULL,
+    detail   VARCHAR(1024),
+    UNIQUE KEY order_events_once (order_id, kind),
+    INDEX order_events_kind (kind),
+    FOREIGN KEY (order_id) REFERENCES orders (id)
+) ENGINE = InnoDB;
+
+CREATE TABLE IF NOT EXISTS outbox (
+    id           BIGINT AUTO_INCREMENT PRIMARY KEY,
+    topic        VARCHAR(64) NOT NULL,
+    payload      TEXT NOT NULL,
+    created_at   BIGINT NOT NULL,
+    delivered_at BIGINT,
+    attempts     INT NOT NULL DEFAULT 0,
+    INDEX outbox_pending (delivered_at, id)
+) ENGINE = InnoDB;
+";
+
+const SQLITE: &[Migration] = &[Migration { version: 1, name: "orders, stock, events, outbox", sql: SQLITE_V1 }];
+const POSTGRES: &[Migration] =
+    &[Migration { version: 1, name: "orders, stock, events, outbox", sql: POSTGRES_V1 }];
+const MYSQL: &[Migration] = &[Migration { version: 1, name: "orders, stock, events, outbox", sql: MYSQL_V1 }];
+
+/// The ordered schema steps of a dialect (versions 1, 2, … without gaps).
+pub fn migrations(dialect: Dialect) -> &'static [Migration] {
+    match dialect {
+        Dialect::Postgres => POSTGRES,
+        Dialect::Mysql => MYSQL,
+        _ => SQLITE,
+    }
+}
+
+/// `CREATE TABLE IF NOT EXISTS order_schema_version …` for a dialect.
+pub fn version_table(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Postgres => POSTGRES_VERSION_TABLE,
+        Dialect::Mysql => MYSQL_VERSION_TABLE,
+        _ => SQLITE_VERSION_TABLE,
+    }
+}
+
+/// The newest order-schema version this build knows.
+pub fn latest_version() -> u32 {
+    SQLITE.last().map_or(0, |m| m.version)
+}
+
+/// Brings the order tables on `conn` up to [`latest_version`]; meant to run inside
+/// `SqliteStore::write`, so it commits with the store's transaction or not at all. Returns the
+/// version found before migrating.
+pub(crate) fn migrate_sqlite(conn: &Connection, now: i64) -> overdue::Result<u32> {
+    conn.execute(SQLITE_VERSION_TABLE, []).store_err("create order_schema_version")?;
+    let found: Option<i64> = conn
+        .query_row("SELECT MAX(version) FROM order_schema_version", [], |r| r.get(0))
+        .optional()
+        .store_err("read order schema version")?
+        .flatten();
+    let found = u32::try_from(found.unwrap_or(0)).unwrap_or(u32::MAX);
+    let latest = latest_version();
+    if found > latest {
+        return Err(overdue::Error::Config(format!(
+            "the database has order schema version {found}, newer than the version {latest} this \
+             build understands; upgrade overdue or open another database"
+        )));
+    }
+    for step in SQLITE.iter().filter(|m| m.version > found) {
+        conn.execute_batch(step.sql)
+            .store_err(&format!("order schema migration {} ({})", step.version, step.name))?;
+        conn.execute(
+            "INSERT INTO order_schema_version (version, name, applied_at) VALUES (?1, ?2, ?3)",
+            params![step.version, step.name, now],
+        )
+        .store_err("record order schema migration")?;
+        tracing::info!(version = step.version, name = step.name, "applied order schema migration");
+    }
+    Ok(found)
+}
+
+/// The applied order-schema versions, ascending.
+#[cfg(test)]
+fn applied_versions(conn: &Connection) -> overdue::Result<Vec<u32>> {
+    let mut stmt = conn.prepare("SELECT version FROM order_schema_version ORDER BY version").store_err("versions")?;
+    let rows = stmt.query_map([], |r| r.get::<_, u32>(0)).store_err("versions")?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().store_err("versions")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_dialect_has_the_same_steps_numbered_from_one() {
+        for d in [Dialect::Sqlite, Dialect::Postgres, Dialect::Mysql] {
+            let steps = migrations(d);
+            assert_eq!(steps.len(), SQLITE.len(), "{d}");
+            for (i, m) in steps.iter().enumerate() {
+                assert_eq!(m.version as usize, i + 1, "{d}: step {i} is numbered {}", m.version);
+                for table in ["products", "orders", "order_items", "order_events", "outbox"] {
+                    assert!(m.sql.contains(&format!("TABLE {table} ")) || m.sql.contains(&format!("EXISTS {table} ")),
+                        "{d}: step {} lacks table {table}", m.version);
+                }
+                assert!(m.sql.contains("UNIQUE"), "{d}: order_events must be unique per (order_id, kind)");
+            }
+            assert!(version_table(d).contains(VERSION_TABLE));
+        }
+    }
+
+    #[test]
+    fn sqlite_migration_applies_once_and_is_recorded() {
+        let conn = Connection::open_in_memory().expect("open");
+        assert_eq!(migrate_sqlite(&conn, 1).expect("first"), 0);
+        assert_eq!(migrate_sqlite(&conn, 2).expect("second"), latest_version());
+        assert_eq!(applied_versions(&conn).expect("versions"), vec![1]);
+        conn.execute("INSERT INTO order_schema_version VALUES (99, 'future', 3)", []).expect("future");
+        let err = migrate_sqlite(&conn, 4).expect_err("newer schema is refused");
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+}
