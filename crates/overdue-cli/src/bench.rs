@@ -30,7 +30,11 @@ const HOUR_MS: i64 = 3_600_000;
 
 /// Options of `overdue bench`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// `orders`: the order service over HTTP instead of the bare engine.
+    #[command(subcommand)]
+    kind: Option<BenchKind>,
     /// Store URL; default: a fresh SQLite database in a temporary directory.
     #[arg(long, env = "OVERDUE_BACKEND")]
     backend: Option<String>,
@@ -58,6 +62,13 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+/// Benchmarks other than the engine's.
+#[derive(Debug, clap::Subcommand)]
+enum BenchKind {
+    /// Concurrent HTTP clients create and pay orders against `overdue serve`.
+    Orders(crate::bench_orders::OrdersBenchArgs),
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -174,6 +185,9 @@ async fn produce(engine: &Arc<Engine>, n: u64, producers: usize, batch: usize, d
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(BenchKind::Orders(o)) = args.kind {
+        return crate::bench_orders::run(o).await;
+    }
     if args.batch == 0 || args.batch > overdue::limits::MAX_BATCH {
         bail!("--batch must be between 1 and {}", overdue::limits::MAX_BATCH);
     }

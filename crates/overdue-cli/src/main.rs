@@ -1,8 +1,11 @@
 //! The `overdue` command. Parses options and hands over; the work is in the modules.
 
+mod admin;
 mod bench;
+mod bench_orders;
 mod crash_worker;
 mod demo;
+mod serve;
 mod util;
 
 use std::process::ExitCode;
@@ -19,10 +22,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The HTTP API with the order service (default: 127.0.0.1:8080, embedded SQLite).
+    Serve(serve::ServeArgs),
     /// Measure schedule and fire throughput, lateness and memory on a backend.
     Bench(bench::BenchArgs),
     /// A simulated shop on the embedded store: orders close on time unless paid.
     Demo(demo::DemoArgs),
+    /// Orders of a running server.
+    Orders(admin::OrdersArgs),
+    /// Timers of a running server.
+    Timers(admin::TimersArgs),
+    /// Dead letters of a running server.
+    #[command(name = "dead-letters")]
+    DeadLetters(admin::DeadLettersArgs),
     /// Used by the crash-safety test: schedules and fires timers until killed.
     #[command(hide = true, name = "crash-worker")]
     CrashWorker(crash_worker::CrashArgs),
@@ -40,6 +52,10 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Orders(cmd) => admin::orders(cmd).await,
+            Command::Timers(cmd) => admin::timers(cmd).await,
+            Command::DeadLetters(cmd) => admin::dead_letters(cmd).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::CrashWorker(args) => crash_worker::run(args).await,
@@ -51,5 +67,15 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -1,0 +1,98 @@
+//! `overdue serve`: the HTTP API with the order service on the embedded store.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use overdue::TriggerKind;
+use overdue_server::{App, AppConfig};
+
+/// Options of `overdue serve`; every flag can also be set by its `OVERDUE_*` variable.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on. A non-loopback address requires --token.
+    #[arg(long, env = "OVERDUE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Store URL.
+    #[arg(long, env = "OVERDUE_BACKEND", default_value = overdue::DEFAULT_STORE_URL)]
+    backend: String,
+    /// Trigger: wheel, heap or scan.
+    #[arg(long, env = "OVERDUE_TRIGGER", default_value = "wheel")]
+    trigger: TriggerKind,
+    /// Bearer token required on every API call (except /healthz and /openapi.json).
+    #[arg(long, env = "OVERDUE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// HMAC-SHA256 key for the X-Overdue-Signature header of callbacks and webhooks.
+    #[arg(long, env = "OVERDUE_CALLBACK_SECRET", hide_env_values = true)]
+    callback_secret: Option<String>,
+    /// Where order notifications (reminders) are POSTed; logged when unset.
+    #[arg(long, env = "OVERDUE_WEBHOOK_URL")]
+    webhook_url: Option<String>,
+    /// Payment timeout of an order, seconds.
+    #[arg(long, env = "OVERDUE_PAY_TIMEOUT_SECS", default_value_t = 30 * 60)]
+    pay_timeout_secs: u64,
+    /// Reminder this many seconds before the payment deadline.
+    #[arg(long, env = "OVERDUE_REMIND_BEFORE_SECS", default_value_t = 5 * 60)]
+    remind_before_secs: u64,
+    /// Receipt is confirmed automatically this many seconds after shipping.
+    #[arg(long, env = "OVERDUE_AUTO_CONFIRM_SECS", default_value_t = 7 * 86_400)]
+    auto_confirm_secs: u64,
+    /// An unanswered refund request is approved after this many seconds.
+    #[arg(long, env = "OVERDUE_REFUND_AUTO_APPROVE_SECS", default_value_t = 3 * 86_400)]
+    refund_auto_approve_secs: u64,
+    /// Largest request body, bytes.
+    #[arg(long, env = "OVERDUE_BODY_LIMIT", default_value_t = 64 * 1024)]
+    body_limit: usize,
+}
+
+pub async fn run(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // An empty OVERDUE_TOKEN / OVERDUE_CALLBACK_SECRET means "not set".
+    args.token = args.token.filter(|t| !t.is_empty());
+    args.callback_secret = args.callback_secret.filter(|t| !t.is_empty());
+    args.webhook_url = args.webhook_url.filter(|t| !t.is_empty());
+    overdue_server::check_bind(args.listen, args.token.as_deref())?;
+    let mut cfg = AppConfig {
+        backend_url: args.backend.clone(),
+        trigger: args.trigger,
+        token: args.token,
+        callback_secret: args.callback_secret,
+        webhook_url: args.webhook_url,
+        body_limit: args.body_limit,
+        ..AppConfig::default()
+    };
+    cfg.order.pay_timeout = Duration::from_secs(args.pay_timeout_secs);
+    cfg.order.remind_before = Duration::from_secs(args.remind_before_secs);
+    cfg.order.auto_confirm_after = Duration::from_secs(args.auto_confirm_secs);
+    cfg.order.refund_auto_approve_after = Duration::from_secs(args.refund_auto_approve_secs);
+    let app = App::start(cfg).await.with_context(|| format!("starting on {}", args.backend))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!("overdue serving on http://{} (backend {}, trigger {})", args.listen, args.backend, args.trigger);
+    let shutdown = async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+    };
+    overdue_server::serve(listener, app.router(), shutdown).await.context("serving")?;
+    eprintln!("stopping: letting running handlers finish");
+    let report = app.shutdown().await;
+    eprintln!("stopped ({} released for re-delivery)", report.released);
+    Ok(ExitCode::SUCCESS)
+}
