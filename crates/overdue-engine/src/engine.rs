@@ -366,7 +366,7 @@ impl Engine {
         let dl = self
             .shared
             .store
-            .dead_letters(&DeadLetterQuery { after_id: Some(id - 1), limit: 1, ..Default::default() })
+            .dead_letters(&DeadLetterQuery { after_id: Some(id.saturating_sub(1)), limit: 1, ..Default::default() })
             .await?
             .into_iter()
             .find(|d| d.id == id)
