@@ -155,14 +155,16 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
     // Wait for the last deadlines, then for no order to be pending.
     tokio::time::sleep(Duration::from_secs(args.timeout_secs)).await;
     let give_up = Instant::now() + Duration::from_secs(60);
-    loop {
+    let still_pending = loop {
         let r: Value = http.get(format!("{base}/v1/orders?status=pending_payment&limit=1")).send().await?.json().await?;
-        if r.get("orders").and_then(Value::as_array).is_none_or(|a| a.is_empty()) || Instant::now() > give_up {
-            break;
+        let pending = r.get("orders").and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+        if !pending || Instant::now() > give_up {
+            break pending;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
     let mut lateness = Histogram::<u64>::new_with_max(3_600_000, 3)?;
+    let mut early = 0u64;
     let mut before: Option<String> = None;
     loop {
         let q = before.as_ref().map_or(String::new(), |b| format!("&before={b}"));
@@ -178,6 +180,9 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
                 .and_then(|evs| evs.iter().find(|e| e.get("kind").and_then(Value::as_str) == Some("closed")))
                 .and_then(|e| e.get("at").and_then(Value::as_i64));
             if let Some(at) = closed_at {
+                if at < deadline {
+                    early += 1;
+                }
                 lateness.saturating_record((at - deadline).max(0) as u64);
             }
         }
@@ -216,6 +221,11 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
         println!("{:<36} {:>14}", "close lateness p50 / p99 / max", format!("{} / {} / {} ms", r.close_lateness_p50_ms, r.close_lateness_p99_ms, r.close_lateness_max_ms));
         println!("{:<36} {:>14}", "server peak RSS", format!("{:.1} MB", r.server_peak_rss_bytes as f64 / 1e6));
         println!("{:<36} {:>14}", "request errors", r.errors);
+    }
+    if still_pending || early > 0 {
+        eprintln!("FAIL: {} — the invariant does not hold",
+            if still_pending { "orders were still pending a minute after their deadline" } else { "orders closed before their deadline" });
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }

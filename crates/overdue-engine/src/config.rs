@@ -64,7 +64,8 @@ pub struct EngineConfig {
     /// Period of the scan trigger's query. Default: 1 s.
     pub scan_interval: Duration,
     /// How long a claim lasts before another node may fire the timer again. Handlers must finish
-    /// well within it (see `QueueConfig::timeout`). Default: 60 s.
+    /// well within it (see `QueueConfig::timeout`); a claim that waited in its queue until the
+    /// handler could outlive the lease is released unrun and claimed afresh. Default: 60 s.
     pub lease: Duration,
     /// Most timers claimed in one store call. Default: 1024.
     pub claim_batch: u32,

@@ -48,6 +48,8 @@ use crate::stats::{EngineStats, Stats};
 const LOAD_PAGE: u32 = 10_000;
 /// Most settlements written in one store call.
 const SETTLE_BATCH: usize = 4096;
+/// How long shutdown waits for the last settlements to be written.
+const SETTLER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest pause between retries of a failing store call in the background tasks.
 const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -268,11 +270,11 @@ impl Engine {
                     earliest = earliest.min(due_at);
                     ix.upsert(TimerRef { queue, key, generation, due_at });
                 } else {
-                    ix.remove(&queue, &key);
+                    ix.remove_upto(&queue, &key, generation.saturating_sub(1));
                 }
             }
             self.shared.stats.resident.store(ix.len() as u64, Relaxed);
-            drop(ix);
+            // Checked under the index lock, where the driver publishes its planned wake-up.
             self.shared.wake_if_before(earliest);
         }
         Ok(gens)
@@ -285,8 +287,8 @@ impl Engine {
         limits::check_queue(queue)?;
         limits::check_key(key)?;
         let removed = self.shared.store.cancel(queue, key).await?;
-        if let Some(ix) = &self.shared.index {
-            ix.lock().remove(queue, key);
+        if let (Some(ix), Some(generation)) = (&self.shared.index, removed) {
+            ix.lock().remove_upto(queue, key, generation);
         }
         if removed.is_some() {
             self.shared.stats.cancelled.fetch_add(1, Relaxed);
@@ -447,7 +449,8 @@ impl Engine {
         }
         let (tx, rx) = oneshot::channel();
         if self.shared.settle_tx.send(SettlerMsg::Stop(tx)).is_ok() {
-            let _ = rx.await;
+            // Bounded: a settler stuck on a failing store must not keep the process alive.
+            let _ = tokio::time::timeout(SETTLER_STOP_TIMEOUT, rx).await;
         }
         self.abort_tasks();
         tracing::info!(node = %self.shared.node_id, ?report, "engine stopped");
@@ -478,7 +481,8 @@ struct QueueRt {
     name: String,
     cfg: QueueConfig,
     handler: Option<Arc<dyn Handler>>,
-    tx: mpsc::UnboundedSender<Claimed>,
+    /// Claimed timers with the end of their lease.
+    tx: mpsc::UnboundedSender<(Claimed, i64)>,
 }
 
 enum SettlerMsg {
@@ -532,10 +536,10 @@ impl Shared {
         let mut ix = ix.lock();
         if due_at <= ix.covered_until {
             ix.upsert(TimerRef { queue: queue.to_owned(), key: key.to_owned(), generation, due_at });
-            drop(ix);
+            // Under the index lock, where the driver publishes its planned wake-up.
             self.wake_if_before(due_at);
         } else {
-            ix.remove(queue, key);
+            ix.remove_upto(queue, key, generation.saturating_sub(1));
         }
     }
 
@@ -572,9 +576,11 @@ impl Shared {
             let refs = match refs {
                 Ok(r) => r,
                 Err(e) => {
-                    // Un-publish: nothing past the cursor is known to be loaded.
+                    // Un-publish: nothing past the cursor's millisecond is known to be loaded;
+                    // the next load restarts at the start of that millisecond.
                     let mut ix = index.lock();
                     ix.covered_until = cursor.as_ref().map_or(i64::MIN, |c| c.0 - 1);
+                    ix.cursor = cursor.map(|c| (c.0, String::new(), String::new()));
                     return Err(e);
                 }
             };
@@ -588,10 +594,11 @@ impl Shared {
             }
             self.stats.resident.store(ix.len() as u64, Relaxed);
             if full && ix.len() >= self.cfg.max_resident {
-                // Memory cap: cover only what is loaded; the rest is loaded as it drains.
-                let c = cursor.as_ref().map_or(i64::MIN, |c| c.0 - 1);
-                ix.covered_until = c;
-                ix.cursor = cursor;
+                // Memory cap: cover only the milliseconds fully loaded; the rest is loaded as the
+                // index drains, restarting at the start of the cursor's millisecond (a timer
+                // written meanwhile into that millisecond is not skipped).
+                ix.covered_until = cursor.as_ref().map_or(i64::MIN, |c| c.0 - 1);
+                ix.cursor = cursor.map(|c| (c.0, String::new(), String::new()));
                 return Ok(());
             }
             if !full {
@@ -601,13 +608,30 @@ impl Shared {
         }
     }
 
+    /// Takes `n` in-flight permits, or returns false once shutdown has begun (what is not
+    /// claimed stays in the store and fires on the next start or on another node).
+    async fn take_permits(&self, n: usize) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.stop_claiming.cancelled() => false,
+            p = self.permits.clone().acquire_many_owned(n as u32) => match p {
+                Ok(p) => {
+                    p.forget();
+                    true
+                }
+                Err(_) => false,
+            },
+        }
+    }
+
     /// Claims and dispatches due references, in order, as permits allow.
     async fn fire_refs(&self, mut refs: Vec<TimerRef>) {
         let mut start = 0;
         while start < refs.len() {
             let n = (refs.len() - start).min(self.claim_batch);
-            let Ok(permits) = self.permits.clone().acquire_many_owned(n as u32).await else { return };
-            permits.forget();
+            if !self.take_permits(n).await {
+                return;
+            }
             let chunk = &refs[start..start + n];
             let now = self.clock.now_ms();
             let claimed = loop {
@@ -626,7 +650,7 @@ impl Shared {
             let dropped = n - claimed.len();
             self.stats.stale_dropped.fetch_add(dropped as u64, Relaxed);
             self.permits.add_permits(dropped);
-            self.dispatch(claimed);
+            self.dispatch(claimed, self.lease_until(now));
             start += n;
         }
         refs.clear();
@@ -636,8 +660,9 @@ impl Shared {
     /// many were claimed; `full` tells whether another round may find more.
     async fn claim_due(&self, due_before: i64) -> Result<(usize, bool)> {
         let n = self.claim_batch;
-        let Ok(permits) = self.permits.clone().acquire_many_owned(n as u32).await else { return Ok((0, false)) };
-        permits.forget();
+        if !self.take_permits(n).await {
+            return Ok((0, false));
+        }
         let now = self.clock.now_ms();
         let res = self.store.claim_due(now, due_before.min(now), n as u32, &self.node_id, self.lease_until(now)).await;
         let claimed = match res {
@@ -649,11 +674,11 @@ impl Shared {
         };
         let got = claimed.len();
         self.permits.add_permits(n - got);
-        self.dispatch(claimed);
+        self.dispatch(claimed, self.lease_until(now));
         Ok((got, got == n))
     }
 
-    fn dispatch(&self, claimed: Vec<Claimed>) {
+    fn dispatch(&self, claimed: Vec<Claimed>, lease_until: i64) {
         if claimed.is_empty() {
             return;
         }
@@ -661,7 +686,7 @@ impl Shared {
         for c in claimed {
             match self.queues.get(&c.timer.queue).or(self.fallback.as_ref()) {
                 Some(rt) => {
-                    if let Err(mpsc::error::SendError(c)) = rt.tx.send(c) {
+                    if let Err(mpsc::error::SendError((c, _))) = rt.tx.send((c, lease_until)) {
                         // The worker is gone (shutdown): release so the timer fires again.
                         let _ = self.settle_tx.send(SettlerMsg::Settle(Settlement::Release(c.timer)));
                     }
@@ -695,11 +720,11 @@ impl Shared {
 }
 
 /// Runs the handlers of one queue, in claim order, at most `concurrency` at a time.
-async fn queue_worker(shared: Arc<Shared>, rt: Arc<QueueRt>, mut rx: mpsc::UnboundedReceiver<Claimed>) {
+async fn queue_worker(shared: Arc<Shared>, rt: Arc<QueueRt>, mut rx: mpsc::UnboundedReceiver<(Claimed, i64)>) {
     let sem = Arc::new(Semaphore::new(rt.cfg.concurrency));
     let mut tasks = JoinSet::new();
     loop {
-        let claimed = tokio::select! {
+        let (claimed, lease_until) = tokio::select! {
             biased;
             _ = shared.abort_handlers.cancelled() => break,
             c = rx.recv() => match c { Some(c) => c, None => break },
@@ -712,20 +737,30 @@ async fn queue_worker(shared: Arc<Shared>, rt: Arc<QueueRt>, mut rx: mpsc::Unbou
             }
             p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
-        tasks.spawn(run_one(shared.clone(), rt.clone(), claimed, permit));
+        tasks.spawn(run_one(shared.clone(), rt.clone(), claimed, lease_until, permit));
         while tasks.try_join_next().is_some() {}
     }
     // Shutting down: whatever is still queued is released for re-delivery.
     rx.close();
-    while let Some(c) = rx.recv().await {
+    while let Some((c, _)) = rx.recv().await {
         let _ = shared.settle_tx.send(SettlerMsg::Settle(Settlement::Release(c.timer)));
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn run_one(shared: Arc<Shared>, rt: Arc<QueueRt>, c: Claimed, permit: tokio::sync::OwnedSemaphorePermit) {
+async fn run_one(shared: Arc<Shared>, rt: Arc<QueueRt>, c: Claimed, lease_until: i64, permit: tokio::sync::OwnedSemaphorePermit) {
     let Some(handler) = rt.handler.clone() else { return };
     let now = shared.clock.now_ms();
+    // A claim that waited in this queue so long that the handler could outlive its lease is
+    // given back instead of run: after the lease another node (or the backstop) may claim the
+    // timer, and two runs must not overlap. It is claimed afresh and runs with a full lease.
+    if now.saturating_add(rt.cfg.timeout.as_millis() as i64) > lease_until {
+        drop(permit);
+        shared.stats.lease_releases.fetch_add(1, Relaxed);
+        tracing::warn!(queue = %rt.name, key = %c.timer.key, "claim waited too long in its queue; released for a fresh claim");
+        let _ = shared.settle_tx.send(SettlerMsg::Settle(Settlement::Release(c.timer)));
+        return;
+    }
     shared.stats.record_fire(&c.timer.queue, now - c.timer.due_at);
     let firing = Firing {
         queue: c.timer.queue.clone(),
@@ -802,7 +837,9 @@ async fn settler(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<SettlerMsg
                     // Leases keep the timers safe meanwhile; retry until the store is back, unless
                     // we are stopping, in which case the leases expire and another run fires them.
                     tracing::warn!(error = %e, n = batch.len(), "settle failed; retrying");
-                    if stop.is_some() {
+                    // Stopping: give up after a few seconds of failures; the claims expire and
+                    // the timers fire again on the next start.
+                    if stop.is_some() || (shared.stop_claiming.is_cancelled() && backoff >= MAX_STORE_BACKOFF) {
                         break;
                     }
                     tokio::time::sleep(backoff).await;
@@ -893,7 +930,7 @@ async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender
                         covered = ix.covered_until;
                         shared.stats.resident.store(ix.len() as u64, Relaxed);
                     }
-                    if due.is_empty() || !store_ok {
+                    if due.is_empty() || !store_ok || shared.stop_claiming.is_cancelled() {
                         break;
                     }
                     shared.fire_refs(std::mem::take(&mut due)).await;
@@ -928,33 +965,33 @@ async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender
         for w in waiters.drain(..) {
             let _ = w.send(());
         }
-        let mut next = match shared.cfg.trigger {
-            TriggerKind::Scan => next_scan,
-            _ => {
-                let (next_due, refill) = match &shared.index {
-                    Some(ix) => {
-                        let ix = ix.lock();
-                        let half = shared.cfg.horizon.as_millis() as i64 / 2;
-                        let refill = if ix.len() >= shared.cfg.max_resident {
-                            i64::MAX // at the cap: popping due timers is what makes room
-                        } else {
-                            ix.covered_until.saturating_sub(half)
-                        };
-                        (ix.next_due().unwrap_or(i64::MAX), refill)
-                    }
-                    None => (i64::MAX, i64::MAX),
-                };
-                next_due.min(refill).min(next_backstop)
-            }
-        };
-        if store_ok {
+        let retry_at = if store_ok {
             store_backoff = Duration::from_millis(50);
+            i64::MAX
         } else {
             // The store is failing: do not spin; try again after a growing pause.
-            next = next.min(shared.clock.now_ms().saturating_add(store_backoff.as_millis() as i64));
+            let at = shared.clock.now_ms().saturating_add(store_backoff.as_millis() as i64);
             store_backoff = (store_backoff * 2).min(MAX_STORE_BACKOFF);
-        }
-        shared.planned_wake.store(next, Relaxed);
+            at
+        };
+        let next = match (&shared.index, shared.cfg.trigger) {
+            (Some(ix), TriggerKind::Wheel | TriggerKind::Heap) => {
+                let ix = ix.lock();
+                let half = shared.cfg.horizon.as_millis() as i64 / 2;
+                let refill = if ix.len() >= shared.cfg.max_resident {
+                    i64::MAX // at the cap: popping due timers is what makes room
+                } else {
+                    ix.covered_until.saturating_sub(half)
+                };
+                let next = ix.next_due().unwrap_or(i64::MAX).min(refill).min(next_backstop).min(retry_at);
+                // Published under the index lock: a schedule inserting an earlier wake-up checks
+                // `planned_wake` under the same lock, so it either sees this value and notifies,
+                // or was already in the index when `next_due` was read.
+                shared.planned_wake.store(next, Relaxed);
+                next
+            }
+            _ => next_scan.min(retry_at),
+        };
         tokio::select! {
             _ = shared.stop_claiming.cancelled() => break,
             _ = shared.clock.sleep_until(next) => {}

@@ -112,8 +112,11 @@ impl MemIndex {
         let ident = (timer.queue.clone(), timer.key.clone());
         if let Some(&id) = self.by_key.get(&ident) {
             let Some(old) = self.entries.get(&id) else { return false };
+            // Newest generation wins; within one generation the later due time wins (a retry
+            // re-dates its timer forward, and a loader page read before the retry must not move
+            // it back).
             if old.timer.generation > timer.generation
-                || (old.timer.generation == timer.generation && old.timer.due_at == timer.due_at)
+                || (old.timer.generation == timer.generation && old.timer.due_at >= timer.due_at)
             {
                 return false;
             }
@@ -134,9 +137,14 @@ impl MemIndex {
         true
     }
 
-    /// Forgets the wake-up of an identity (after a cancel, or a move beyond the horizon).
-    pub(crate) fn remove(&mut self, queue: &str, key: &str) {
-        if let Some(id) = self.by_key.remove(&(queue.to_owned(), key.to_owned())) {
+    /// Forgets the wake-up of an identity if its generation is at most `generation` (after a
+    /// cancel of that generation, or a move of it beyond the horizon). A newer entry, written by a
+    /// concurrent schedule, stays.
+    pub(crate) fn remove_upto(&mut self, queue: &str, key: &str, generation: u64) {
+        let ident = (queue.to_owned(), key.to_owned());
+        let Some(&id) = self.by_key.get(&ident) else { return };
+        if self.entries.get(&id).is_some_and(|e| e.timer.generation <= generation) {
+            self.by_key.remove(&ident);
             self.remove_id(id);
         }
     }
@@ -204,7 +212,7 @@ mod tests {
             assert!(ix.upsert(r("c", 3, 20)));
             assert!(!ix.upsert(r("a", 0, 5)), "{kind}: an older generation must not replace a newer one");
             assert!(ix.upsert(r("a", 4, 15)), "{kind}: a newer generation replaces");
-            ix.remove("q", "c");
+            ix.remove_upto("q", "c", 3);
             let mut out = Vec::new();
             ix.pop_due(14, &mut out);
             assert_eq!(out, vec![r("b", 2, 10)], "{kind}");
@@ -217,13 +225,33 @@ mod tests {
     }
 
     #[test]
+    fn removal_spares_a_newer_generation_and_a_retry_keeps_its_later_due_time() {
+        for kind in [TriggerKind::Wheel, TriggerKind::Heap] {
+            let mut ix = MemIndex::new(kind);
+            ix.upsert(r("k", 7, 100));
+            ix.remove_upto("q", "k", 6);
+            assert_eq!(ix.len(), 1, "{kind}: a cancel of generation 6 removed generation 7");
+            assert!(ix.upsert(r("k", 7, 1_100)), "{kind}: a retry moves its own generation later");
+            assert!(!ix.upsert(r("k", 7, 100)), "{kind}: a stale page must not move it back");
+            let mut out = Vec::new();
+            ix.pop_due(1_099, &mut out);
+            assert!(out.is_empty(), "{kind}: {out:?}");
+            ix.pop_due(1_100, &mut out);
+            assert_eq!(out, vec![r("k", 7, 1_100)], "{kind}");
+            ix.upsert(r("k", 8, 5));
+            ix.remove_upto("q", "k", 8);
+            assert_eq!(ix.len(), 0, "{kind}");
+        }
+    }
+
+    #[test]
     fn heap_compacts_removed_entries() {
         let mut ix = MemIndex::new(TriggerKind::Heap);
         for i in 0..5000 {
             ix.upsert(r(&i.to_string(), i, 1000 + i as i64));
         }
         for i in 0..5000 {
-            ix.remove("q", &i.to_string());
+            ix.remove_upto("q", &i.to_string(), i);
         }
         let Delay::Heap(h) = &ix.delay else { panic!("heap expected") };
         assert!(h.heap.len() < 5000, "heap kept {} dead entries", h.heap.len());

@@ -26,6 +26,9 @@ pub struct EngineStats {
     pub stale_dropped: u64,
     /// Timers fired by the backstop sweep instead of the trigger.
     pub backstop_rescued: u64,
+    /// Claims given back unrun because they waited in their queue until the handler could
+    /// have outlived the lease (a sign of a queue whose handlers are too slow for its load).
+    pub lease_releases: u64,
     /// Claimed and not yet settled.
     pub in_flight: u64,
     /// Timer references held in memory by the wheel/heap.
@@ -55,6 +58,7 @@ pub(crate) struct Stats {
     pub(crate) handler_failures: AtomicU64,
     pub(crate) stale_dropped: AtomicU64,
     pub(crate) backstop_rescued: AtomicU64,
+    pub(crate) lease_releases: AtomicU64,
     pub(crate) in_flight: AtomicU64,
     pub(crate) resident: AtomicU64,
     lateness: Mutex<Histogram<u64>>,
@@ -74,6 +78,7 @@ impl Stats {
             handler_failures: AtomicU64::new(0),
             stale_dropped: AtomicU64::new(0),
             backstop_rescued: AtomicU64::new(0),
+            lease_releases: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             resident: AtomicU64::new(0),
             lateness: Mutex::new(hist),
@@ -109,6 +114,7 @@ impl Stats {
             handler_failures: self.handler_failures.load(Relaxed),
             stale_dropped: self.stale_dropped.load(Relaxed),
             backstop_rescued: self.backstop_rescued.load(Relaxed),
+            lease_releases: self.lease_releases.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
             resident: self.resident.load(Relaxed),
             lateness,

@@ -109,3 +109,51 @@ async fn the_fallback_handler_runs_queues_without_their_own() {
     let f = fallback.firings();
     assert_eq!(f.iter().map(|f| (f.queue.as_str(), f.key.as_str())).collect::<Vec<_>>(), [("billing.retry", "inv-7")]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_waited_past_its_safe_start_is_released_and_claimed_afresh_not_run_late() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(T0);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let started = Arc::new(parking_lot::Mutex::new(Vec::<(String, i64)>::new()));
+    let (g, st, c) = (gate.clone(), started.clone(), clock.clone());
+    // One handler at a time, 30 s timeout, 60 s lease (the defaults): the second timer's claim
+    // waits behind the first handler.
+    let queue = QueueConfig { concurrency: 1, ..QueueConfig::default() };
+    let e = Engine::builder(store)
+        .clock(Arc::new(clock.clone()))
+        .handler("q", queue, move |f: overdue_core::Firing| {
+            let (g, st, c) = (g.clone(), st.clone(), c.clone());
+            async move {
+                st.lock().push((f.key.clone(), c.now()));
+                if f.key == "slow" {
+                    let _ = g.acquire().await.map(|p| p.forget());
+                }
+                Outcome::Done
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    e.schedule(TimerSpec::new("q", "slow", T0)).await.expect("schedule");
+    e.schedule(TimerSpec::new("q", "waiting", T0 + 1)).await.expect("schedule");
+    clock.set(T0 + 1);
+    // Both are claimed at T0+1 (lease until T0+60,001); "slow" runs and blocks.
+    let settle = e.settle();
+    tokio::pin!(settle);
+    while started.lock().is_empty() {
+        tokio::select! {
+            _ = &mut settle => panic!("settle returned while a handler was blocked"),
+            _ = tokio::task::yield_now() => {}
+        }
+    }
+    // 40 s later the slow handler finishes: "waiting" could now run until T0+70 s, past its lease.
+    clock.set(T0 + 40_001);
+    gate.add_permits(1);
+    settle.await;
+    e.settle().await;
+    let runs = started.lock().clone();
+    assert_eq!(runs.iter().filter(|(k, _)| k == "waiting").count(), 1, "{runs:?}");
+    assert_eq!(e.stats().lease_releases, 1, "{:?}", e.stats());
+    assert!(e.get("q", "waiting").await.expect("get").is_none(), "it ran, with a fresh claim, and completed");
+}

@@ -20,8 +20,8 @@
 //!   overdue processes out; because of it, [`SqliteStore::open`] clears every lease, so the
 //!   in-flight timers of a crashed process fire again at once instead of after their lease.
 //!
-//! Dropping the last handle stops the writer thread after its current group, closes the
-//! connections and releases the lock. A write whose future is dropped still commits.
+//! Dropping the last handle stops the checkpoint thread, lets the writer thread run every job
+//! still queued, closes the connections and releases the lock. A write whose future is dropped still commits.
 //!
 //! ## Runtime
 //!
@@ -271,7 +271,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.readers.close();
         drop(self.checkpointer.take());
-        // Closing the channel ends the writer loop after its current group.
+        // Closing the channel ends the writer loop once it has run every job still queued.
         drop(self.tx.take());
         if let Some(handle) = self.writer.take() {
             // The last handle can be dropped on the writer thread itself (inside a write
