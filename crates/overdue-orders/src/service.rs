@@ -635,7 +635,7 @@ impl OrderService {
             .await
     }
 
-    /// Undelivered outbox messages, oldest first; `limit` 0 means 50, at most 500.
+    /// Undelivered outbox messages, fewest failed attempts first, then oldest (a message its receiver keeps refusing sinks behind fresh ones); `limit` 0 means 50, at most 500.
     pub async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxMessage>> {
         let limit = validate::page(limit)?;
         self.read(move |c| read::outbox_pending(c, limit)).await

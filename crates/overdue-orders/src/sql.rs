@@ -104,9 +104,9 @@ pub(crate) const SELECT_ITEMS: &str =
 pub(crate) const SELECT_EVENTS: &str =
     "SELECT kind, at, source, detail FROM order_events WHERE order_id = ?1 ORDER BY id";
 
-/// `(limit)`: undelivered messages, oldest first.
+/// `(limit)`: undelivered messages, fewest failed attempts first, then oldest.
 pub(crate) const OUTBOX_PENDING: &str = "SELECT id, topic, payload, created_at, attempts FROM outbox \
-     WHERE delivered_at IS NULL ORDER BY id LIMIT ?1";
+     WHERE delivered_at IS NULL ORDER BY attempts, id LIMIT ?1";
 
 /// `(id, now)`.
 pub(crate) const OUTBOX_DELIVERED: &str =

@@ -63,7 +63,9 @@ pub(crate) async fn run(state: Arc<AppState>, interval: Duration, mut stop: watc
     let mut last_upkeep = Instant::now();
     loop {
         match pass(&state).await {
-            Ok(p) if p.failed == 0 => delay = if p.full { Duration::ZERO } else { interval },
+            // Back off only when nothing got through: one receiver refusing one message must not
+            // slow the delivery of all the others (failed messages sort behind fresh ones).
+            Ok(p) if p.failed == 0 || p.delivered > 0 => delay = if p.full { Duration::ZERO } else { interval },
             Ok(p) => {
                 delay = (delay.max(interval) * 2).min(MAX_BACKOFF);
                 tracing::warn!(failed = p.failed, retry_in = ?delay, "outbox deliveries failed");
