@@ -38,7 +38,8 @@ const PAGE_DEFAULT: u32 = 50;
 const PAGE_MAX: u32 = 500;
 /// Timer and dead-letter pages: default and largest size.
 const TIMER_PAGE_DEFAULT: u32 = 100;
-const TIMER_PAGE_MAX: u32 = 10_000;
+/// Bounded so one page of 64 KiB payloads stays near 64 MiB.
+const TIMER_PAGE_MAX: u32 = 1_000;
 
 macro_rules! routes {
     ($( $method:ident $path:literal => $handler:path ),* $(,)?) => {
