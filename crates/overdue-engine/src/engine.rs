@@ -48,6 +48,11 @@ use crate::stats::{EngineStats, Stats};
 const LOAD_PAGE: u32 = 10_000;
 /// Most settlements written in one store call.
 const SETTLE_BATCH: usize = 4096;
+/// A queue may have at most `max(concurrency × CLAIM_AHEAD, claim_batch)` timers claimed and
+/// unsettled, and never more than half of `max_in_flight`; past that its due timers wait
+/// unclaimed (in the driver's deferred lists), so one slow queue cannot take every in-flight
+/// permit and delay the timers of the others, while a fast queue still claims in full batches.
+const CLAIM_AHEAD: usize = 4;
 /// How long shutdown waits for the last settlements to be written.
 const SETTLER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest pause between retries of a failing store call in the background tasks.
@@ -138,7 +143,7 @@ impl EngineBuilder {
         let mut worker_rxs = Vec::new();
         for (queue, (handler, cfg)) in self.handlers {
             let (tx, rx) = mpsc::unbounded_channel();
-            let rt = Arc::new(QueueRt { name: queue.clone(), cfg, handler: Some(handler), tx });
+            let rt = Arc::new(QueueRt::new(queue.clone(), cfg, handler, tx));
             worker_rxs.push((rt.clone(), rx));
             queues.insert(queue, rt);
         }
@@ -146,7 +151,7 @@ impl EngineBuilder {
             Some((handler, cfg)) => {
                 cfg.validate(self.config.lease)?;
                 let (tx, rx) = mpsc::unbounded_channel();
-                let rt = Arc::new(QueueRt { name: "*".to_owned(), cfg, handler: Some(handler), tx });
+                let rt = Arc::new(QueueRt::new("*".to_owned(), cfg, handler, tx));
                 worker_rxs.push((rt.clone(), rx));
                 Some(rt)
             }
@@ -164,6 +169,7 @@ impl EngineBuilder {
             node_id,
             queues,
             fallback,
+            deferred: Mutex::new(HashMap::new()),
             index,
             wake: Notify::new(),
             planned_wake: AtomicI64::new(i64::MIN),
@@ -483,6 +489,19 @@ struct QueueRt {
     handler: Option<Arc<dyn Handler>>,
     /// Claimed timers with the end of their lease.
     tx: mpsc::UnboundedSender<(Claimed, i64)>,
+    /// Claimed and not yet settled, for this queue.
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl QueueRt {
+    fn new(name: String, cfg: QueueConfig, handler: Arc<dyn Handler>, tx: mpsc::UnboundedSender<(Claimed, i64)>) -> Self {
+        QueueRt { name, cfg, handler: Some(handler), tx, in_flight: std::sync::atomic::AtomicUsize::new(0) }
+    }
+
+    /// Most timers of this queue claimed at once (see [`CLAIM_AHEAD`]).
+    fn claim_cap(&self, claim_batch: usize, max_in_flight: usize) -> usize {
+        self.cfg.concurrency.saturating_mul(CLAIM_AHEAD).max(claim_batch).min((max_in_flight / 2).max(1))
+    }
 }
 
 enum SettlerMsg {
@@ -500,6 +519,9 @@ struct Shared {
     queues: HashMap<String, Arc<QueueRt>>,
     /// Runs the queues that have no handler of their own, if set.
     fallback: Option<Arc<QueueRt>>,
+    /// Due wake-ups of queues at their claim cap, per queue in due order, retried when one of
+    /// their claims settles.
+    deferred: Mutex<HashMap<String, std::collections::VecDeque<TimerRef>>>,
     index: Option<Mutex<MemIndex>>,
     /// Wakes the driver early (a schedule due before its planned wake-up).
     wake: Notify,
@@ -624,8 +646,36 @@ impl Shared {
         }
     }
 
-    /// Claims and dispatches due references, in order, as permits allow.
-    async fn fire_refs(&self, mut refs: Vec<TimerRef>) {
+    fn rt_for(&self, queue: &str) -> Option<&Arc<QueueRt>> {
+        self.queues.get(queue).or(self.fallback.as_ref())
+    }
+
+    /// Claims and dispatches due references (and those deferred earlier), in due order, as
+    /// permits and each queue's claim cap allow; the rest wait in `deferred`.
+    async fn fire_refs(&self, new: Vec<TimerRef>) {
+        // Each queue's wake-ups join the back of its deferred line; then every line gives up as
+        // many as its queue has room for. Work per pass is proportional to what moves.
+        let mut refs = Vec::with_capacity(new.len());
+        {
+            let mut deferred = self.deferred.lock();
+            for t in new {
+                if self.rt_for(&t.queue).is_some() {
+                    deferred.entry(t.queue.clone()).or_default().push_back(t);
+                } else {
+                    refs.push(t); // no handler at all: fails at dispatch, visibly
+                }
+            }
+            let max_in_flight = self.cfg.max_in_flight;
+            for (queue, line) in deferred.iter_mut() {
+                let Some(rt) = self.rt_for(queue) else { continue };
+                let room = rt.claim_cap(self.claim_batch, max_in_flight).saturating_sub(rt.in_flight.load(Relaxed));
+                let n = room.min(line.len());
+                refs.extend(line.drain(..n));
+            }
+            deferred.retain(|_, line| !line.is_empty());
+            self.stats.deferred.store(deferred.values().map(|l| l.len() as u64).sum(), Relaxed);
+        }
+        refs.sort_by_key(|t| t.due_at);
         let mut start = 0;
         while start < refs.len() {
             let n = (refs.len() - start).min(self.claim_batch);
@@ -659,7 +709,9 @@ impl Shared {
     /// Claims due timers straight from the store (scan trigger and backstop sweep). Returns how
     /// many were claimed; `full` tells whether another round may find more.
     async fn claim_due(&self, due_before: i64) -> Result<(usize, bool)> {
-        let n = self.claim_batch;
+        // As many as there are permits for (waiting only when there are none): waiting for a
+        // whole batch of permits while handlers hold them could stall the driver indefinitely.
+        let n = self.claim_batch.min(self.permits.available_permits()).max(1);
         if !self.take_permits(n).await {
             return Ok((0, false));
         }
@@ -684,8 +736,9 @@ impl Shared {
         }
         self.add_in_flight(claimed.len() as u64);
         for c in claimed {
-            match self.queues.get(&c.timer.queue).or(self.fallback.as_ref()) {
+            match self.rt_for(&c.timer.queue) {
                 Some(rt) => {
+                    rt.in_flight.fetch_add(1, Relaxed);
                     if let Err(mpsc::error::SendError((c, _))) = rt.tx.send((c, lease_until)) {
                         // The worker is gone (shutdown): release so the timer fires again.
                         let _ = self.settle_tx.send(SettlerMsg::Settle(Settlement::Release(c.timer)));
@@ -849,10 +902,17 @@ async fn settler(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<SettlerMsg
         }
         let n = batch.len();
         for s in batch.drain(..) {
+            if let Some(rt) = shared.rt_for(&s.timer().queue) {
+                let _ = rt.in_flight.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(1)));
+            }
             account(&shared, s);
         }
         shared.permits.add_permits(n);
         shared.sub_in_flight(n as u64);
+        if !shared.deferred.lock().is_empty() {
+            // A queue at its cap has room again: let the driver claim what waits.
+            shared.wake.notify_one();
+        }
     }
     if let Some(tx) = stop {
         let _ = tx.send(());
@@ -930,17 +990,31 @@ async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender
                         covered = ix.covered_until;
                         shared.stats.resident.store(ix.len() as u64, Relaxed);
                     }
-                    if due.is_empty() || !store_ok || shared.stop_claiming.is_cancelled() {
+                    let popped = !due.is_empty();
+                    let waiting = !shared.deferred.lock().is_empty();
+                    if (!popped && !waiting) || !store_ok || shared.stop_claiming.is_cancelled() {
                         break;
                     }
                     shared.fire_refs(std::mem::take(&mut due)).await;
+                    if !popped {
+                        break; // only deferred wake-ups were retried: once per pass
+                    }
                 }
                 if now >= next_backstop {
                     // Only what the index should have held counts as missed: due within the
-                    // covered range and overdue by more than the slack.
+                    // covered range, overdue by more than the slack, and earlier than anything
+                    // deferred (those wait for their queue's claim cap, not for a rescue).
                     let slack = shared.cfg.backstop_slack.as_millis() as i64;
+                    let before_deferred = shared
+                        .deferred
+                        .lock()
+                        .values()
+                        .filter_map(|line| line.front().map(|t| t.due_at))
+                        .min()
+                        .map_or(i64::MAX, |d| d.saturating_sub(1));
+                    let bound = now.saturating_sub(slack).min(covered).min(before_deferred);
                     loop {
-                        match shared.claim_due(now.saturating_sub(slack).min(covered)).await {
+                        match shared.claim_due(bound).await {
                             Ok((n, more)) => {
                                 if n > 0 {
                                     shared.stats.backstop_rescued.fetch_add(n as u64, Relaxed);

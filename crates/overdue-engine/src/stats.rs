@@ -29,6 +29,9 @@ pub struct EngineStats {
     /// Claims given back unrun because they waited in their queue until the handler could
     /// have outlived the lease (a sign of a queue whose handlers are too slow for its load).
     pub lease_releases: u64,
+    /// Due wake-ups waiting unclaimed because their queue is at its claim cap
+    /// (`concurrency × 4` claimed and unsettled).
+    pub deferred: u64,
     /// Claimed and not yet settled.
     pub in_flight: u64,
     /// Timer references held in memory by the wheel/heap.
@@ -59,6 +62,7 @@ pub(crate) struct Stats {
     pub(crate) stale_dropped: AtomicU64,
     pub(crate) backstop_rescued: AtomicU64,
     pub(crate) lease_releases: AtomicU64,
+    pub(crate) deferred: AtomicU64,
     pub(crate) in_flight: AtomicU64,
     pub(crate) resident: AtomicU64,
     lateness: Mutex<Histogram<u64>>,
@@ -79,6 +83,7 @@ impl Stats {
             stale_dropped: AtomicU64::new(0),
             backstop_rescued: AtomicU64::new(0),
             lease_releases: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             resident: AtomicU64::new(0),
             lateness: Mutex::new(hist),
@@ -115,6 +120,7 @@ impl Stats {
             stale_dropped: self.stale_dropped.load(Relaxed),
             backstop_rescued: self.backstop_rescued.load(Relaxed),
             lease_releases: self.lease_releases.load(Relaxed),
+            deferred: self.deferred.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
             resident: self.resident.load(Relaxed),
             lateness,

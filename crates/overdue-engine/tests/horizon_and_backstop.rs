@@ -116,17 +116,19 @@ async fn a_claim_that_waited_past_its_safe_start_is_released_and_claimed_afresh_
     let clock = ManualClock::new(T0);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let started = Arc::new(parking_lot::Mutex::new(Vec::<(String, i64)>::new()));
-    let (g, st, c) = (gate.clone(), started.clone(), clock.clone());
+    let slow_started = Arc::new(tokio::sync::Notify::new());
+    let (g, st, c, ss) = (gate.clone(), started.clone(), clock.clone(), slow_started.clone());
     // One handler at a time, 30 s timeout, 60 s lease (the defaults): the second timer's claim
     // waits behind the first handler.
     let queue = QueueConfig { concurrency: 1, ..QueueConfig::default() };
     let e = Engine::builder(store)
         .clock(Arc::new(clock.clone()))
         .handler("q", queue, move |f: overdue_core::Firing| {
-            let (g, st, c) = (g.clone(), st.clone(), c.clone());
+            let (g, st, c, ss) = (g.clone(), st.clone(), c.clone(), ss.clone());
             async move {
                 st.lock().push((f.key.clone(), c.now()));
                 if f.key == "slow" {
+                    ss.notify_one();
                     let _ = g.acquire().await.map(|p| p.forget());
                 }
                 Outcome::Done
@@ -141,10 +143,10 @@ async fn a_claim_that_waited_past_its_safe_start_is_released_and_claimed_afresh_
     // Both are claimed at T0+1 (lease until T0+60,001); "slow" runs and blocks.
     let settle = e.settle();
     tokio::pin!(settle);
-    while started.lock().is_empty() {
-        tokio::select! {
-            _ = &mut settle => panic!("settle returned while a handler was blocked"),
-            _ = tokio::task::yield_now() => {}
+    tokio::select! {
+        _ = &mut settle => panic!("settle returned while a handler was blocked"),
+        r = tokio::time::timeout(Duration::from_secs(30), slow_started.notified()) => {
+            r.expect("the slow handler did not start");
         }
     }
     // 40 s later the slow handler finishes: "waiting" could now run until T0+70 s, past its lease.
@@ -156,4 +158,62 @@ async fn a_claim_that_waited_past_its_safe_start_is_released_and_claimed_afresh_
     assert_eq!(runs.iter().filter(|(k, _)| k == "waiting").count(), 1, "{runs:?}");
     assert_eq!(e.stats().lease_releases, 1, "{:?}", e.stats());
     assert!(e.get("q", "waiting").await.expect("get").is_none(), "it ran, with a fresh claim, and completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_queue_cannot_take_every_claim_and_starve_the_others() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(T0);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let fast = Recorder::default();
+    let fast_fired = Arc::new(tokio::sync::Notify::new());
+    let ff = fast_fired.clone();
+    let slow_runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (g, runs) = (gate.clone(), slow_runs.clone());
+    let config = EngineConfig { max_in_flight: 8, claim_batch: 8, ..EngineConfig::default() };
+    let e = Engine::builder(store)
+        .clock(Arc::new(clock.clone()))
+        .config(config)
+        // One handler at a time and stuck until the gate opens: at most 1 × 4 claims.
+        .handler("slow", QueueConfig { concurrency: 1, timeout: Duration::from_secs(50), ..QueueConfig::default() }, move |_f: overdue_core::Firing| {
+            let (g, runs) = (g.clone(), runs.clone());
+            async move {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = g.acquire().await.map(|p| p.forget());
+                Outcome::Done
+            }
+        })
+        .handler("fast", QueueConfig::default(), fast.handler(move |_| {
+            ff.notify_one();
+            Outcome::Done
+        }))
+        .start()
+        .await
+        .expect("start");
+    let slow: Vec<TimerSpec> = (0..20).map(|i| TimerSpec::new("slow", format!("s{i:02}"), T0)).collect();
+    e.schedule_batch(slow).await.expect("schedule");
+    e.schedule(TimerSpec::new("fast", "f", T0 + 1)).await.expect("schedule");
+    clock.set(T0 + 1);
+    {
+        let settle = e.settle();
+        tokio::pin!(settle);
+        // With 8 in-flight permits and 20 slow timers due first, the fast timer would wait for
+        // the slow queue without the per-queue cap.
+        tokio::select! {
+            _ = &mut settle => panic!("settle returned while the slow queue was stuck"),
+            r = tokio::time::timeout(Duration::from_secs(30), fast_fired.notified()) => {
+                r.expect("the fast timer did not fire while the slow queue was stuck");
+            }
+        }
+        let stats = e.stats();
+        assert!(stats.deferred >= 16, "the slow queue's extra timers should wait unclaimed: {stats:?}");
+        assert!(stats.in_flight <= 5, "at most 4 slow claims plus the fast one: {stats:?}");
+        gate.add_permits(1_000);
+        settle.await;
+    }
+    e.settle().await;
+    assert_eq!(fast.keys(), ["f"]);
+    assert_eq!(slow_runs.load(std::sync::atomic::Ordering::SeqCst), 20, "every slow timer ran once");
+    assert_eq!(e.stats().deferred, 0);
+    assert!(e.list(&overdue_core::ListQuery::default()).await.expect("list").is_empty());
 }
