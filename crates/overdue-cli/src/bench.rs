@@ -236,16 +236,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let engine = Arc::new(start_engine(store.clone(), args.trigger, 0, counter.clone()).await?);
         let total = args.rate * args.rate_seconds;
         let pb = bar(total, "steady", quiet);
-        // Every 10 ms, schedule the timers of that slice, due one second later.
+        // Every 10 ms, schedule what brings the total to `rate × elapsed` (exact over the run
+        // for any rate, not rounded per slice), each due one second later.
         const SLICE_MS: u64 = 10;
-        let per_slice = (args.rate * SLICE_MS / 1000).max(1);
+        let mut slices = 0u64;
         let mut ticker = tokio::time::interval(Duration::from_millis(SLICE_MS));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let mut sent = 0u64;
         let mut inflight = Vec::new();
         while sent < total {
             ticker.tick().await;
-            let n = per_slice.min(total - sent);
+            slices += 1;
+            let n = (args.rate * slices * SLICE_MS / 1000).min(total) - sent;
+            if n == 0 {
+                continue;
+            }
             let due = overdue::SystemClock.now_ms() + 1_000;
             let specs: Vec<TimerSpec> = (sent..sent + n).map(|i| TimerSpec::new(QUEUE, format!("s{i}"), due)).collect();
             let e = engine.clone();
