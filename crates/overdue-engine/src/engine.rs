@@ -265,8 +265,16 @@ impl Engine {
             specs.iter().map(|s| (s.queue.clone(), s.key.clone(), s.due_at)).collect();
         let gens = self.shared.store.schedule(specs, now).await?;
         self.shared.stats.scheduled.fetch_add(gens.len() as u64, Relaxed);
+        // One counter update per queue and batch (a batch is usually one queue), not per timer.
+        let mut per_queue: Vec<(&str, u64)> = Vec::new();
         for (q, _, _) in &idents {
-            metrics::counter!("overdue_timers_scheduled_total", "queue" => q.clone()).increment(1);
+            match per_queue.iter_mut().find(|(name, _)| name == q) {
+                Some((_, n)) => *n += 1,
+                None => per_queue.push((q, 1)),
+            }
+        }
+        for (q, n) in per_queue {
+            metrics::counter!("overdue_timers_scheduled_total", "queue" => q.to_owned()).increment(n);
         }
         if let Some(ix) = &self.shared.index {
             let mut earliest = i64::MAX;
@@ -653,24 +661,35 @@ impl Shared {
     /// Claims and dispatches due references (and those deferred earlier), in due order, as
     /// permits and each queue's claim cap allow; the rest wait in `deferred`.
     async fn fire_refs(&self, new: Vec<TimerRef>) {
-        // Each queue's wake-ups join the back of its deferred line; then every line gives up as
-        // many as its queue has room for. Work per pass is proportional to what moves.
+        // A queue's earlier deferred wake-ups go first, then its new ones, as long as it has
+        // room; the overflow joins the back of its line. A queue with room and no line costs
+        // nothing extra; work per pass is proportional to what moves.
         let mut refs = Vec::with_capacity(new.len());
         {
             let mut deferred = self.deferred.lock();
-            for t in new {
-                if self.rt_for(&t.queue).is_some() {
-                    deferred.entry(t.queue.clone()).or_default().push_back(t);
-                } else {
-                    refs.push(t); // no handler at all: fails at dispatch, visibly
-                }
-            }
             let max_in_flight = self.cfg.max_in_flight;
+            // Room left per queue in this pass, keyed by the queue's runtime (no allocation).
+            let mut room: Vec<(*const QueueRt, usize)> = Vec::new();
             for (queue, line) in deferred.iter_mut() {
                 let Some(rt) = self.rt_for(queue) else { continue };
-                let room = rt.claim_cap(self.claim_batch, max_in_flight).saturating_sub(rt.in_flight.load(Relaxed));
-                let n = room.min(line.len());
+                let i = room_slot(&mut room, rt, self.claim_batch, max_in_flight);
+                let n = room[i].1.min(line.len());
+                room[i].1 -= n;
                 refs.extend(line.drain(..n));
+            }
+            for t in new {
+                let Some(rt) = self.rt_for(&t.queue) else {
+                    refs.push(t); // no handler at all: fails at dispatch, visibly
+                    continue;
+                };
+                let i = room_slot(&mut room, rt, self.claim_batch, max_in_flight);
+                let waiting = deferred.get(&t.queue).is_some_and(|line| !line.is_empty());
+                if waiting || room[i].1 == 0 {
+                    deferred.entry(t.queue.clone()).or_default().push_back(t);
+                } else {
+                    room[i].1 -= 1;
+                    refs.push(t);
+                }
             }
             deferred.retain(|_, line| !line.is_empty());
             self.stats.deferred.store(deferred.values().map(|l| l.len() as u64).sum(), Relaxed);
@@ -770,6 +789,17 @@ impl Shared {
         let due_at = now.saturating_add(delay.as_millis().min(i64::MAX as u128) as i64);
         Settlement::Retry { timer, due_at, attempts: failures, error }
     }
+}
+
+/// Index of `rt`'s entry in `room` (claims it may still take in this pass), adding it on first use.
+fn room_slot(room: &mut Vec<(*const QueueRt, usize)>, rt: &Arc<QueueRt>, claim_batch: usize, max_in_flight: usize) -> usize {
+    let key = Arc::as_ptr(rt);
+    if let Some(i) = room.iter().position(|(k, _)| *k == key) {
+        return i;
+    }
+    let left = rt.claim_cap(claim_batch, max_in_flight).saturating_sub(rt.in_flight.load(Relaxed));
+    room.push((key, left));
+    room.len() - 1
 }
 
 /// Runs the handlers of one queue, in claim order, at most `concurrency` at a time.
