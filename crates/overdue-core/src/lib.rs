@@ -19,6 +19,7 @@ pub mod error;
 pub mod limits;
 pub mod model;
 pub mod store;
+pub mod trigger;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
@@ -28,3 +29,4 @@ pub use model::{
     Timer, TimerRef, TimerSpec, TimerState,
 };
 pub use store::{Capabilities, Store};
+pub use trigger::{Delivery, DueSink, ExternalTrigger};

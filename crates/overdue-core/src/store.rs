@@ -116,4 +116,30 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// due at `due_at`, attempts reset). Returns the new generation, or `None` if no dead letter
     /// has that id.
     async fn replay(&self, id: i64, due_at: i64, now: i64) -> Result<Option<u64>>;
+
+    /// The outbox of an external trigger (see [`crate::trigger`]): notices of timers upserted
+    /// since the relay last acknowledged them, oldest first, at most `limit`, each with its
+    /// outbox sequence number. A store records them only when opened with its outbox on; every
+    /// upsert (schedule, reschedule, replay, and a [`Settlement::Retry`]'s new due time) then
+    /// adds a row in the same transaction as the timer itself.
+    ///
+    /// Rows whose timer has since been replaced or cancelled may be returned (they are cheap to
+    /// publish: the generation fence drops them on delivery).
+    async fn outbox_fetch(&self, limit: u32) -> Result<Vec<(i64, TimerRef)>> {
+        let _ = limit;
+        Err(crate::Error::Config(format!(
+            "the {} store has no outbox: it cannot be used with an external trigger",
+            self.capabilities().name
+        )))
+    }
+
+    /// Removes outbox rows once their notices are published. Unknown sequence numbers are
+    /// ignored (another node's relay got there first).
+    async fn outbox_ack(&self, seqs: &[i64]) -> Result<()> {
+        let _ = seqs;
+        Err(crate::Error::Config(format!(
+            "the {} store has no outbox: it cannot be used with an external trigger",
+            self.capabilities().name
+        )))
+    }
 }

@@ -33,6 +33,17 @@ pub trait Backend: Send + Sync + 'static {
     /// Opens the store. Called again after a simulated crash: a durable backend must then see
     /// everything that was acknowledged before.
     fn open(&self) -> BoxFuture<'_, Result<Arc<dyn Store>>>;
+    /// The external trigger (broker, key expiry) to run instead of the in-process one, if any.
+    /// Called once per engine start (again after a simulated crash). The store from
+    /// [`Backend::open`] must then have its outbox on (see `overdue_core::trigger`).
+    ///
+    /// Under a manual clock a broker still waits in real time: a notice published at virtual
+    /// `t` for `due_at` comes back after `due_at - t` real milliseconds, and the engine holds
+    /// early arrivals until the virtual clock reaches their due time. Virtual jumps far beyond
+    /// the broker's wait are served by the backstop sweep, as a lost message would be.
+    fn external(&self) -> Option<Arc<dyn overdue_core::ExternalTrigger>> {
+        None
+    }
 }
 
 /// The fixed start of virtual time in every conformance test: 2023-11-14T22:13:20Z.

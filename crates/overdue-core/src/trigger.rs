@@ -1,0 +1,103 @@
+//! [`ExternalTrigger`]: a wake-up source outside the process (RabbitMQ, Kafka, RocketMQ, Redis
+//! key expiry), and the [`DueSink`] the engine hands it.
+//!
+//! ## How a broker trigger works
+//!
+//! A broker can wait, but it cannot be queried or withdrawn. So with an external trigger the
+//! [`Store`](crate::Store) (a SQL store) stays the **source of truth**, and the broker only carries
+//! *notices*: `(queue, key, generation, due_at)`, never the payload.
+//!
+//! 1. **Outbox.** The store is opened with its outbox on: every upsert (schedule, reschedule,
+//!    replay, a retry's new due time) writes an outbox row in the same transaction. The engine's
+//!    relay reads [`Store::outbox_fetch`](crate::Store::outbox_fetch), calls
+//!    [`ExternalTrigger::publish`], and only after the broker has confirmed the batch calls
+//!    [`Store::outbox_ack`](crate::Store::outbox_ack). A crash between commit and publish loses
+//!    nothing: the rows are still there at restart. A crash between publish and ack publishes
+//!    twice: harmless, see 3.
+//! 2. **Waiting.** The broker holds the notice until about `due_at` (TTL queues, delay topics,
+//!    timer messages, key expiry) — that is the trigger's design and its resolution.
+//! 3. **Delivery.** [`ExternalTrigger::consume`] hands due notices to [`DueSink::deliver`]. The
+//!    engine claims each one in the store, which succeeds only if the notice's generation is still
+//!    the stored one (cancel and reschedule work by this fencing: a published message cannot be
+//!    withdrawn, but a stale one is dropped here), runs the handler and settles the outcome. Only
+//!    then does `deliver` return [`Delivery::Ack`] for it, and only then may the trigger
+//!    acknowledge the message (ack after the effect commits). A crash before the ack makes the
+//!    broker deliver again; the idempotent handler keeps the effect single.
+//! 4. **Backstop.** Whatever the broker loses (a key-expiry event nobody heard, a message dropped
+//!    by a broker without persistence) is still in the store: the engine's slow backstop sweep
+//!    claims timers overdue by more than the backstop slack and fires them, counting each one in
+//!    `overdue_backstop_rescued_total`.
+//!
+//! ## Writing a trigger
+//!
+//! Implement this trait in the backend's crate. `publish` must not return `Ok` before the broker
+//! has made the notices durable (publisher confirms, `acks=all`, `SEND_OK`). `consume` runs until
+//! [`DueSink::stopped`] turns true, reconnecting with backoff on its own when the broker goes away
+//! (report it through [`DueSink::set_healthy`]); it returns `Err` only for a configuration error
+//! that retrying cannot fix.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::model::TimerRef;
+
+/// What the trigger should do with one delivered notice, answered by [`DueSink::deliver`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Done: the effect is committed (or retried later through a new outbox notice, or dead
+    /// lettered), or the notice was stale (cancelled, replaced) and was dropped. Acknowledge it.
+    Ack,
+    /// Not handled this time (the engine is stopping, the store failed, another node holds the
+    /// claim and may die with it). Do not acknowledge: let the broker deliver it again (nack
+    /// with requeue, do not commit the offset). The backstop sweep covers it as well.
+    Redeliver,
+    /// It arrived before its due time by more than the engine waits (the broker's resolution
+    /// was coarser than the delay left). Publish it again for the remaining delay (`due_at` is
+    /// in the notice), then acknowledge this copy.
+    Early,
+}
+
+/// The engine side of an external trigger.
+#[async_trait]
+pub trait DueSink: Send + Sync + 'static {
+    /// Claims, fires and settles the notices; returns one [`Delivery`] per notice, in order.
+    /// Returns once every notice's outcome is known (after the handlers ran and their outcomes
+    /// were written), so callers may acknowledge as soon as it returns.
+    async fn deliver(&self, notices: Vec<TimerRef>) -> Vec<Delivery>;
+
+    /// The current time on the engine's clock (ms since the Unix epoch). Triggers compute
+    /// remaining delays against it, so tests on a manual clock stay in virtual time.
+    fn now_ms(&self) -> i64;
+
+    /// True once the engine has stopped: `consume` should return.
+    fn stopped(&self) -> bool;
+
+    /// Resolves when the engine stops (for `select!` in the consume loop).
+    async fn until_stopped(&self);
+
+    /// Reports the connection state (shown in `/healthz` and metrics). `error` says why not.
+    fn set_healthy(&self, healthy: bool, error: Option<String>);
+}
+
+/// A wake-up source outside the process. See the module docs.
+#[async_trait]
+pub trait ExternalTrigger: Send + Sync + fmt::Debug + 'static {
+    /// Short name for logs and metrics, e.g. `amqp-dlx`.
+    fn name(&self) -> &'static str;
+
+    /// Connects, checks and declares what it needs (exchanges, queues, topics). An `Err` here
+    /// stops the engine from starting: use [`crate::Error::Config`] with a message that says
+    /// what to configure (a missing plugin, key-space events turned off).
+    async fn start(&self) -> Result<()>;
+
+    /// Publishes notices so that each comes back through `consume` at about its `due_at`.
+    /// Returns `Ok` only once the broker has durably accepted every one. A notice may be
+    /// published more than once; a notice already due is delivered as soon as possible.
+    async fn publish(&self, notices: &[TimerRef]) -> Result<()>;
+
+    /// Delivers due notices to `sink` until `sink.stopped()`; see the module docs.
+    async fn consume(&self, sink: Arc<dyn DueSink>) -> Result<()>;
+}
