@@ -117,6 +117,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// has that id.
     async fn replay(&self, id: i64, due_at: i64, now: i64) -> Result<Option<u64>>;
 
+    /// Changes whenever the set of timers this node is responsible for changes (a store that
+    /// splits timers between nodes by partition leases bumps it when it gains or loses a
+    /// partition). The engine's in-memory index reloads its window from the store when it sees
+    /// a new value, so a node that takes over a dead node's partitions loads their timers at
+    /// once. Stores that do not partition return 0 forever (the default).
+    fn ownership_epoch(&self) -> u64 {
+        0
+    }
+
     /// The outbox of an external trigger (see [`crate::trigger`]): notices of timers upserted
     /// since the relay last acknowledged them, oldest first, at most `limit`, each with its
     /// outbox sequence number. A store records them only when opened with its outbox on; every
