@@ -93,10 +93,12 @@ pub trait ExternalTrigger: Send + Sync + fmt::Debug + 'static {
     /// what to configure (a missing plugin, key-space events turned off).
     async fn start(&self) -> Result<()>;
 
-    /// Publishes notices so that each comes back through `consume` at about its `due_at`.
-    /// Returns `Ok` only once the broker has durably accepted every one. A notice may be
-    /// published more than once; a notice already due is delivered as soon as possible.
-    async fn publish(&self, notices: &[TimerRef]) -> Result<()>;
+    /// Publishes notices so that each comes back through `consume` at about its `due_at`;
+    /// `now` is the engine's clock (ms), so the delay left is `due_at - now` (a manual clock in
+    /// tests stays in virtual time). Returns `Ok` only once the broker has durably accepted
+    /// every one. A notice may be published more than once; one already due is delivered as
+    /// soon as possible.
+    async fn publish(&self, notices: &[TimerRef], now: i64) -> Result<()>;
 
     /// Delivers due notices to `sink` until `sink.stopped()`; see the module docs.
     async fn consume(&self, sink: Arc<dyn DueSink>) -> Result<()>;

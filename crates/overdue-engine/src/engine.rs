@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use overdue_core::{
-    Claimed, Clock, DeadLetter, DeadLetterQuery, Error, Firing, Limits, ListQuery, Outcome,
+    Claimed, Clock, ExternalTrigger, DeadLetter, DeadLetterQuery, Error, Firing, Limits, ListQuery, Outcome,
     QueueCount, Result, Settlement, Store, SystemClock, Timer, TimerRef, TimerSpec, limits,
 };
 use parking_lot::Mutex;
@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{EngineConfig, QueueConfig, TriggerKind};
 use crate::handler::Handler;
+use crate::external::{self, Health, Waiters};
 use crate::index::MemIndex;
 use crate::stats::{EngineStats, Stats};
 
@@ -55,6 +56,9 @@ const SETTLE_BATCH: usize = 4096;
 const CLAIM_AHEAD: usize = 4;
 /// How long shutdown waits for the last settlements to be written.
 const SETTLER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest that [`Engine::settle`] waits for an external trigger to deliver what is due before
+/// the backstop takes it.
+pub const EXTERNAL_SETTLE_WAIT: Duration = Duration::from_secs(3);
 /// Longest pause between retries of a failing store call in the background tasks.
 const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -67,6 +71,7 @@ pub struct EngineBuilder {
     default_queue: QueueConfig,
     handlers: HashMap<String, (Arc<dyn Handler>, QueueConfig)>,
     fallback: Option<(Arc<dyn Handler>, QueueConfig)>,
+    external: Option<Arc<dyn ExternalTrigger>>,
 }
 
 impl std::fmt::Debug for EngineBuilder {
@@ -125,6 +130,14 @@ impl EngineBuilder {
     }
 
     /// Validates the configuration and starts the engine's tasks on the current tokio runtime.
+    /// Waits with an external trigger (a broker, Redis key expiry) instead of the in-process
+    /// wheel/heap/scan: the store must have its outbox on. See `overdue_core::trigger` for the
+    /// design; the engine runs the outbox relay, the trigger's consumer and the backstop sweep.
+    pub fn external_trigger(mut self, trigger: Arc<dyn ExternalTrigger>) -> Self {
+        self.external = Some(trigger);
+        self
+    }
+
     pub async fn start(self) -> Result<Engine> {
         self.config.validate()?;
         for (queue, (_, qc)) in &self.handlers {
@@ -133,10 +146,16 @@ impl EngineBuilder {
         }
         self.default_queue.validate(self.config.lease)?;
         let node_id = self.config.node_id.clone().unwrap_or_else(default_node_id);
-        let index = match self.config.trigger {
-            TriggerKind::Scan => None,
-            kind => Some(Mutex::new(MemIndex::new(kind))),
+        let index = match (self.config.trigger, &self.external) {
+            (_, Some(_)) | (TriggerKind::Scan, None) => None,
+            (kind, None) => Some(Mutex::new(MemIndex::new(kind))),
         };
+        if let Some(t) = &self.external {
+            // Fails early with the trigger's own explanation (plugin missing, events off) and
+            // checks that the store can feed it.
+            self.store.outbox_fetch(1).await?;
+            t.start().await?;
+        }
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let (idle_tx, _) = watch::channel(0u64);
         let mut queues = HashMap::new();
@@ -179,6 +198,11 @@ impl EngineBuilder {
             stop_claiming: CancellationToken::new(),
             abort_handlers: CancellationToken::new(),
             accepting: AtomicBool::new(true),
+            external: self.external.clone(),
+            waiters: Waiters::default(),
+            relay_wake: Notify::new(),
+            trigger_health: Mutex::new(Health { healthy: true, error: None }),
+            ownership_epoch: std::sync::atomic::AtomicU64::new(0),
         });
         let mut tasks = Vec::new();
         for (rt, rx) in worker_rxs {
@@ -187,8 +211,12 @@ impl EngineBuilder {
         let settler = tokio::spawn(settler(shared.clone(), settle_rx));
         let (pass_tx, pass_rx) = mpsc::channel(64);
         let driver = tokio::spawn(driver(shared.clone(), pass_rx));
+        if let Some(t) = &self.external {
+            tasks.push(tokio::spawn(external::relay(shared.clone(), t.clone())));
+            tasks.push(tokio::spawn(external::consume(shared.clone(), t.clone())));
+        }
         tracing::info!(node = %shared.node_id, store = shared.store.capabilities().name,
-            trigger = %shared.cfg.trigger, "engine started");
+            trigger = %shared.trigger_name(), "engine started");
         Ok(Engine { shared, pass_tx, driver: Mutex::new(Some(driver)), settler: Mutex::new(Some(settler)), workers: Mutex::new(tasks) })
     }
 }
@@ -216,7 +244,7 @@ impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("node_id", &self.shared.node_id)
-            .field("trigger", &self.shared.cfg.trigger)
+            .field("trigger", &self.shared.trigger_name())
             .field("store", &self.shared.store)
             .finish()
     }
@@ -233,6 +261,7 @@ impl Engine {
             default_queue: QueueConfig::default(),
             handlers: HashMap::new(),
             fallback: None,
+            external: None,
         }
     }
 
@@ -264,6 +293,7 @@ impl Engine {
         let idents: Vec<(String, String, i64)> =
             specs.iter().map(|s| (s.queue.clone(), s.key.clone(), s.due_at)).collect();
         let gens = self.shared.store.schedule(specs, now).await?;
+        self.shared.wake_relay();
         self.shared.stats.scheduled.fetch_add(gens.len() as u64, Relaxed);
         // One counter update per queue and batch (a batch is usually one queue), not per timer.
         let mut per_queue: Vec<(&str, u64)> = Vec::new();
@@ -394,7 +424,12 @@ impl Engine {
 
     /// Counters and lateness so far.
     pub fn stats(&self) -> EngineStats {
-        self.shared.stats.snapshot()
+        let mut stats = self.shared.stats.snapshot();
+        stats.trigger = self.shared.trigger_name();
+        let health = self.shared.trigger_health.lock();
+        stats.trigger_healthy = health.healthy;
+        stats.trigger_error = health.error.clone();
+        stats
     }
 
     /// Forgets the lateness histogram (to measure one phase of a benchmark).
@@ -425,7 +460,16 @@ impl Engine {
     /// Runs a trigger pass at the clock's current time and waits until every timer it claimed has
     /// been handled and settled, repeating while passes still fire something. Tests use this
     /// after moving a manual clock; it never sleeps.
+    ///
+    /// With an external trigger the broker waits in real time, so this first publishes the whole
+    /// outbox, then waits up to [`EXTERNAL_SETTLE_WAIT`] (polling the store) for the broker to
+    /// deliver everything due at the clock's current time, and finally lets the backstop claim
+    /// whatever is still due (a virtual jump past what a broker could wait for in real time),
+    /// counted in `backstop_rescued` like any rescue.
     pub async fn settle(&self) {
+        if let Some(trigger) = self.shared.external.clone() {
+            self.settle_external(trigger.as_ref()).await;
+        }
         loop {
             let fired_before = self.shared.stats.fired.load(Relaxed);
             let (tx, rx) = oneshot::channel();
@@ -436,6 +480,41 @@ impl Engine {
             if self.shared.stats.fired.load(Relaxed) == fired_before {
                 return;
             }
+        }
+    }
+
+    async fn settle_external(&self, trigger: &dyn ExternalTrigger) {
+        loop {
+            match external::relay_round(&self.shared, trigger).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "settle: relaying the outbox failed");
+                    break;
+                }
+            }
+        }
+        // Give the broker its chance to deliver what is due (in real time)…
+        let deadline = tokio::time::Instant::now() + EXTERNAL_SETTLE_WAIT;
+        let now = self.shared.clock.now_ms();
+        loop {
+            match self.shared.store.due_refs(None, now, 1).await {
+                Ok(refs) if refs.is_empty() => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "settle: reading due timers failed");
+                    return;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // …then the backstop takes the rest, as it would a lost message (after a jump of the
+        // virtual clock past what the broker could have waited in real time).
+        if let Err(e) = self.shared.backstop(now).await {
+            tracing::warn!(error = %e, "settle: backstop sweep failed");
         }
     }
 
@@ -517,13 +596,13 @@ enum SettlerMsg {
     Stop(oneshot::Sender<()>),
 }
 
-struct Shared {
-    store: Arc<dyn Store>,
-    clock: Arc<dyn Clock>,
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
     cfg: EngineConfig,
     limits: Limits,
     default_queue: QueueConfig,
-    node_id: String,
+    pub(crate) node_id: String,
     queues: HashMap<String, Arc<QueueRt>>,
     /// Runs the queues that have no handler of their own, if set.
     fallback: Option<Arc<QueueRt>>,
@@ -534,15 +613,24 @@ struct Shared {
     /// Wakes the driver early (a schedule due before its planned wake-up).
     wake: Notify,
     planned_wake: AtomicI64,
-    permits: Arc<Semaphore>,
+    pub(crate) permits: Arc<Semaphore>,
     claim_batch: usize,
     /// Claimed and not yet settled; 0 means idle.
     idle: watch::Sender<u64>,
-    stats: Stats,
+    pub(crate) stats: Stats,
     settle_tx: mpsc::UnboundedSender<SettlerMsg>,
-    stop_claiming: CancellationToken,
+    pub(crate) stop_claiming: CancellationToken,
     abort_handlers: CancellationToken,
     accepting: AtomicBool,
+    /// The external trigger, if the engine runs one instead of wheel/heap/scan.
+    external: Option<Arc<dyn ExternalTrigger>>,
+    /// Deliveries of the external trigger waiting for their settlement.
+    pub(crate) waiters: Waiters,
+    /// Wakes the outbox relay after a write.
+    pub(crate) relay_wake: Notify,
+    pub(crate) trigger_health: Mutex<Health>,
+    /// Last `Store::ownership_epoch` the index was loaded under.
+    ownership_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -556,12 +644,28 @@ impl Shared {
         }
     }
 
-    fn lease_until(&self, now: i64) -> i64 {
+    /// `wheel`, `heap`, `scan`, or the external trigger's name.
+    pub(crate) fn trigger_name(&self) -> String {
+        match &self.external {
+            Some(t) => t.name().to_owned(),
+            None => self.cfg.trigger.to_string(),
+        }
+    }
+
+    /// Tells the relay that the outbox has new rows (no-op without an external trigger).
+    fn wake_relay(&self) {
+        if self.external.is_some() {
+            self.relay_wake.notify_one();
+        }
+    }
+
+    pub(crate) fn lease_until(&self, now: i64) -> i64 {
         now.saturating_add(self.cfg.lease.as_millis() as i64)
     }
 
     /// Mirrors an upsert done through the store into the index.
     fn note_upsert(&self, queue: &str, key: &str, generation: u64, due_at: i64) {
+        self.wake_relay();
         let Some(ix) = &self.index else { return };
         let mut ix = ix.lock();
         if due_at <= ix.covered_until {
@@ -586,6 +690,14 @@ impl Shared {
     /// Moves the covered range of the index forward to `now + horizon`, page by page.
     async fn load_horizon(&self, now: i64) -> Result<()> {
         let Some(index) = &self.index else { return Ok(()) };
+        let epoch = self.store.ownership_epoch();
+        if self.ownership_epoch.swap(epoch, Relaxed) != epoch {
+            // This node now answers for a different set of timers (a partitioned store gained or
+            // lost partitions): forget the window and load it afresh from the start.
+            let mut ix = index.lock();
+            *ix = MemIndex::new(self.cfg.trigger);
+            tracing::info!(epoch, "timer ownership changed; reloading the in-memory window");
+        }
         let horizon = self.cfg.horizon.as_millis() as i64;
         let target = now.saturating_add(horizon);
         let mut cursor = {
@@ -640,7 +752,7 @@ impl Shared {
 
     /// Takes `n` in-flight permits, or returns false once shutdown has begun (what is not
     /// claimed stays in the store and fires on the next start or on another node).
-    async fn take_permits(&self, n: usize) -> bool {
+    pub(crate) async fn take_permits(&self, n: usize) -> bool {
         tokio::select! {
             biased;
             _ = self.stop_claiming.cancelled() => false,
@@ -725,6 +837,22 @@ impl Shared {
         refs.clear();
     }
 
+    /// The backstop sweep: claims and fires every unclaimed timer due at or before `bound`
+    /// (which no trigger fired), counting each one as a rescue.
+    async fn backstop(&self, bound: i64) -> Result<()> {
+        loop {
+            let (n, more) = self.claim_due(bound).await?;
+            if n > 0 {
+                self.stats.backstop_rescued.fetch_add(n as u64, Relaxed);
+                metrics::counter!("overdue_backstop_rescued_total").increment(n as u64);
+                tracing::warn!(n, "backstop sweep fired timers no trigger fired");
+            }
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
     /// Claims due timers straight from the store (scan trigger and backstop sweep). Returns how
     /// many were claimed; `full` tells whether another round may find more.
     async fn claim_due(&self, due_before: i64) -> Result<(usize, bool)> {
@@ -749,7 +877,7 @@ impl Shared {
         Ok((got, got == n))
     }
 
-    fn dispatch(&self, claimed: Vec<Claimed>, lease_until: i64) {
+    pub(crate) fn dispatch(&self, claimed: Vec<Claimed>, lease_until: i64) {
         if claimed.is_empty() {
             return;
         }
@@ -913,9 +1041,13 @@ async fn settler(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<SettlerMsg
             continue;
         }
         let mut backoff = Duration::from_millis(50);
+        let mut written = false;
         loop {
             match shared.store.settle(batch.clone(), shared.clock.now_ms()).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    written = true;
+                    break;
+                }
                 Err(e) => {
                     // Leases keep the timers safe meanwhile; retry until the store is back, unless
                     // we are stopping, in which case the leases expire and another run fires them.
@@ -931,6 +1063,11 @@ async fn settler(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<SettlerMsg
             }
         }
         let n = batch.len();
+        for s in &batch {
+            // Everything but a release is final for this delivery (a retry is published anew
+            // from the outbox): the external trigger may acknowledge it.
+            shared.waiters.settled(s.timer(), written && !matches!(s, Settlement::Release(_)));
+        }
         for s in batch.drain(..) {
             if let Some(rt) = shared.rt_for(&s.timer().queue) {
                 let _ = rt.in_flight.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(1)));
@@ -988,8 +1125,21 @@ async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender
         let now = shared.clock.now_ms();
         let forced = !waiters.is_empty();
         let mut store_ok = true;
-        match shared.cfg.trigger {
-            TriggerKind::Scan => {
+        let trigger = if shared.external.is_some() { None } else { Some(shared.cfg.trigger) };
+        match trigger {
+            None => {
+                // External trigger: the broker wakes us; this loop is only the backstop sweep,
+                // for what the broker lost or delivered too late.
+                if forced || now >= next_backstop {
+                    let bound = now.saturating_sub(shared.cfg.backstop_slack.as_millis() as i64);
+                    if let Err(e) = shared.backstop(bound).await {
+                        tracing::warn!(error = %e, "backstop sweep failed");
+                        store_ok = false;
+                    }
+                    next_backstop = now.saturating_add(shared.cfg.backstop_interval.as_millis() as i64);
+                }
+            }
+            Some(TriggerKind::Scan) => {
                 if forced || now >= next_scan {
                     loop {
                         match shared.claim_due(now).await {
@@ -1005,7 +1155,7 @@ async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender
                     next_scan = now.saturating_add(shared.cfg.scan_interval.as_millis() as i64);
                 }
             }
-            TriggerKind::Wheel | TriggerKind::Heap => {
+            Some(TriggerKind::Wheel | TriggerKind::Heap) => {
                 // Load, pop, fire — again while the loader still finds due timers (after a
                 // pause, or at the memory cap, one page at a time).
                 let mut covered = i64::MIN;
@@ -1043,24 +1193,9 @@ async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender
                         .min()
                         .map_or(i64::MAX, |d| d.saturating_sub(1));
                     let bound = now.saturating_sub(slack).min(covered).min(before_deferred);
-                    loop {
-                        match shared.claim_due(bound).await {
-                            Ok((n, more)) => {
-                                if n > 0 {
-                                    shared.stats.backstop_rescued.fetch_add(n as u64, Relaxed);
-                                    metrics::counter!("overdue_backstop_rescued_total").increment(n as u64);
-                                    tracing::warn!(n, "backstop sweep fired timers no trigger fired");
-                                }
-                                if !more {
-                                    break;
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "backstop sweep failed");
-                                store_ok = false;
-                                break;
-                            }
-                        }
+                    if let Err(e) = shared.backstop(bound).await {
+                        tracing::warn!(error = %e, "backstop sweep failed");
+                        store_ok = false;
                     }
                     next_backstop = now.saturating_add(shared.cfg.backstop_interval.as_millis() as i64);
                 }
@@ -1078,8 +1213,9 @@ async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender
             store_backoff = (store_backoff * 2).min(MAX_STORE_BACKOFF);
             at
         };
-        let next = match (&shared.index, shared.cfg.trigger) {
-            (Some(ix), TriggerKind::Wheel | TriggerKind::Heap) => {
+        let next = match (&shared.index, trigger) {
+            (None, None) => next_backstop.min(retry_at),
+            (Some(ix), Some(TriggerKind::Wheel | TriggerKind::Heap)) => {
                 let ix = ix.lock();
                 let half = shared.cfg.horizon.as_millis() as i64 / 2;
                 let refill = if ix.len() >= shared.cfg.max_resident {

@@ -22,6 +22,7 @@
 
 pub mod config;
 pub mod engine;
+mod external;
 pub mod handler;
 mod index;
 pub mod stats;

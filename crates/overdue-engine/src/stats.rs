@@ -36,6 +36,15 @@ pub struct EngineStats {
     pub in_flight: u64,
     /// Timer references held in memory by the wheel/heap.
     pub resident: u64,
+    /// Notices an external trigger's relay published to its broker (0 without one).
+    pub published: u64,
+    /// The wake-up mechanism: `wheel`, `heap`, `scan`, or the external trigger's name.
+    pub trigger: String,
+    /// False while the external trigger reports its broker unreachable (always true for the
+    /// in-process triggers).
+    pub trigger_healthy: bool,
+    /// Why the external trigger is unhealthy, if it is.
+    pub trigger_error: Option<String>,
     pub lateness: LatenessSummary,
 }
 
@@ -65,6 +74,7 @@ pub(crate) struct Stats {
     pub(crate) deferred: AtomicU64,
     pub(crate) in_flight: AtomicU64,
     pub(crate) resident: AtomicU64,
+    pub(crate) published: AtomicU64,
     lateness: Mutex<Histogram<u64>>,
 }
 
@@ -86,6 +96,7 @@ impl Stats {
             deferred: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             resident: AtomicU64::new(0),
+            published: AtomicU64::new(0),
             lateness: Mutex::new(hist),
         }
     }
@@ -123,6 +134,10 @@ impl Stats {
             deferred: self.deferred.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
             resident: self.resident.load(Relaxed),
+            published: self.published.load(Relaxed),
+            trigger: String::new(),
+            trigger_healthy: true,
+            trigger_error: None,
             lateness,
         }
     }

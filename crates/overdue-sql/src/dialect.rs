@@ -354,6 +354,21 @@ CREATE TABLE meta (
 ) STRICT, WITHOUT ROWID;
 INSERT INTO meta (name, value) VALUES ('generation', 0);
 ",
+}, Migration {
+    version: 2,
+    name: "outbox of notices for external triggers",
+    // Written only when the store is opened with its outbox on (an external trigger relays it);
+    // see `overdue_core::trigger`. AUTOINCREMENT: a sequence number is never reused, so a relay
+    // that acknowledges late cannot delete a newer row.
+    sql: "
+CREATE TABLE timer_outbox (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue       TEXT    NOT NULL,
+    key         TEXT    NOT NULL,
+    generation  INTEGER NOT NULL,
+    due_at      INTEGER NOT NULL
+) STRICT;
+",
 }];
 
 const SQLITE: Queries = Queries {

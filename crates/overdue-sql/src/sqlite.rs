@@ -142,6 +142,10 @@ pub struct SqliteOptions {
     pub mmap_bytes: u64,
     /// WAL pages that trigger a checkpoint. Default [`DEFAULT_WAL_AUTOCHECKPOINT_PAGES`].
     pub wal_autocheckpoint_pages: u32,
+    /// Record a notice in the outbox with every upsert, for an external trigger's relay (see
+    /// `overdue_core::trigger`). Default off: the in-process triggers need no outbox. URL:
+    /// `?outbox=true`.
+    pub outbox: bool,
 }
 
 impl Default for SqliteOptions {
@@ -154,6 +158,7 @@ impl Default for SqliteOptions {
             cache_kib: DEFAULT_CACHE_KIB,
             mmap_bytes: DEFAULT_MMAP_BYTES,
             wal_autocheckpoint_pages: DEFAULT_WAL_AUTOCHECKPOINT_PAGES,
+            outbox: false,
         }
     }
 }
@@ -196,13 +201,20 @@ pub fn parse_url(url: &str) -> Result<(PathBuf, SqliteOptions)> {
         match name {
             "durability" => opts.durability = value.parse()?,
             "readers" => opts.readers = value.parse().map_err(|_| bad("a count"))?,
+            "outbox" => {
+                opts.outbox = match value {
+                    "true" | "1" | "on" => true,
+                    "false" | "0" | "off" => false,
+                    _ => return Err(bad("true or false")),
+                }
+            }
             "lock_timeout_ms" => {
                 opts.lock_timeout =
                     Duration::from_millis(value.parse().map_err(|_| bad("a number of milliseconds"))?)
             }
             _ => {
                 return Err(Error::Config(format!(
-                    "store url {url:?}: unknown parameter {name:?} (known: durability, readers, lock_timeout_ms)"
+                    "store url {url:?}: unknown parameter {name:?} (known: durability, readers, lock_timeout_ms, outbox)"
                 )));
             }
         }
@@ -344,7 +356,8 @@ impl SqliteStore {
 
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel();
-        let writer = Writer { conn, generation, persisted: generation, rx, stats: Arc::clone(&stats), lock };
+        let writer =
+            Writer { conn, generation, persisted: generation, rx, stats: Arc::clone(&stats), lock, outbox: opts.outbox };
         let handle = std::thread::Builder::new()
             .name("overdue-sqlite-writer".to_owned())
             .spawn(move || writer.run())
@@ -401,6 +414,9 @@ impl SqliteStore {
         F: FnOnce(&mut WriteCtx<'_>) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
+        // With the outbox on, an upsert is two statements (the timer and its notice): they
+        // need the savepoint that keeps a job all-or-nothing inside its group.
+        let one_statement = one_statement && !self.inner.opts.outbox;
         let (reply, rx) = oneshot::channel();
         let sender = self.inner.tx.as_ref().ok_or_else(writer_stopped)?;
         self.inner.stats.submitted.fetch_add(1, Ordering::Relaxed);
@@ -544,6 +560,53 @@ impl Store for SqliteStore {
 
     async fn replay(&self, id: i64, due_at: i64, now: i64) -> Result<Option<u64>> {
         self.submit(1, false, move |ctx| ctx.replay(id, due_at, now)).await
+    }
+
+    async fn outbox_fetch(&self, limit: u32) -> Result<Vec<(i64, TimerRef)>> {
+        self.require_outbox()?;
+        self.inner
+            .readers
+            .read(move |conn| {
+                let mut stmt = conn.prepare_cached(writer::OUTBOX_SELECT).store_err("outbox fetch")?;
+                let rows = stmt
+                    .query_map([limit], |row| {
+                        Ok((
+                            row.get::<_, i64>(0)?,
+                            TimerRef {
+                                queue: row.get(1)?,
+                                key: row.get(2)?,
+                                generation: gen_out(row.get(3)?),
+                                due_at: row.get(4)?,
+                            },
+                        ))
+                    })
+                    .store_err("outbox fetch")?;
+                rows.collect::<rusqlite::Result<Vec<_>>>().store_err("outbox fetch")
+            })
+            .await
+    }
+
+    async fn outbox_ack(&self, seqs: &[i64]) -> Result<()> {
+        self.require_outbox()?;
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let seqs = seqs.to_vec();
+        self.submit(seqs.len(), false, move |ctx| ctx.outbox_ack(&seqs)).await
+    }
+}
+
+impl SqliteStore {
+    fn require_outbox(&self) -> Result<()> {
+        if self.inner.opts.outbox {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "the sqlite store at {} was opened without its outbox; an external trigger needs \
+                 SqliteOptions {{ outbox: true, .. }} (URL parameter outbox=true)",
+                self.inner.path.display()
+            )))
+        }
     }
 }
 

@@ -12,24 +12,34 @@ use overdue_testkit::Backend;
 struct Sqlite {
     trigger: TriggerKind,
     dir: tempfile::TempDir,
+    /// Run the external-trigger path with an in-process loopback broker (outbox on).
+    loopback: bool,
 }
 
 impl Sqlite {
     fn fresh(trigger: TriggerKind) -> Self {
-        Sqlite { trigger, dir: tempfile::tempdir().expect("temporary directory") }
+        Sqlite { trigger, dir: tempfile::tempdir().expect("temporary directory"), loopback: false }
+    }
+
+    fn loopback() -> Self {
+        Sqlite { loopback: true, ..Sqlite::fresh(TriggerKind::Wheel) }
     }
 }
 
 impl Backend for Sqlite {
     fn name(&self) -> String {
-        format!("sqlite/{}", self.trigger)
+        if self.loopback { "sqlite/loopback".to_owned() } else { format!("sqlite/{}", self.trigger) }
     }
     fn trigger(&self) -> TriggerKind {
         self.trigger
     }
     fn open(&self) -> BoxFuture<'_, Result<Arc<dyn Store>>> {
         let path = self.dir.path().join("overdue.db");
-        Box::pin(async move { Ok(Arc::new(SqliteStore::open(path, SqliteOptions::default()).await?) as Arc<dyn Store>) })
+        let opts = SqliteOptions { outbox: self.loopback, ..SqliteOptions::default() };
+        Box::pin(async move { Ok(Arc::new(SqliteStore::open(path, opts).await?) as Arc<dyn Store>) })
+    }
+    fn external(&self) -> Option<Arc<dyn overdue_core::ExternalTrigger>> {
+        self.loopback.then(|| Arc::new(overdue_testkit::loopback::LoopbackTrigger::new()) as _)
     }
 }
 
@@ -41,4 +51,9 @@ mod heap {
 }
 mod scan {
     overdue_testkit::conformance_tests!(super::Sqlite::fresh(super::TriggerKind::Scan));
+}
+/// The external-trigger path (outbox relay → broker → generation-fenced delivery → ack after
+/// settle) with the in-process loopback broker.
+mod loopback {
+    overdue_testkit::conformance_tests!(super::Sqlite::loopback());
 }

@@ -13,6 +13,7 @@
 //!
 //! The clauses are the `pub async fn`s of [`suite`].
 
+pub mod loopback;
 pub mod memory;
 pub mod suite;
 
@@ -129,12 +130,14 @@ impl Harness {
         };
         let recorder = Recorder::default();
         let config = EngineConfig { trigger: backend.trigger(), ..EngineConfig::default() };
-        let engine = match Engine::builder(store)
+        let mut builder = Engine::builder(store)
             .clock(Arc::new(clock.clone()))
             .config(config)
-            .handler(Q, queue, recorder.handler(outcome))
-            .start()
-            .await
+            .handler(Q, queue, recorder.handler(outcome));
+        if let Some(t) = backend.external() {
+            builder = builder.external_trigger(t);
+        }
+        let engine = match builder.start().await
         {
             Ok(e) => e,
             Err(e) => panic!("{}: starting the engine failed: {e}", backend.name()),

@@ -180,6 +180,8 @@ pub(crate) struct Writer {
     pub(crate) rx: Receiver<Box<dyn Job>>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) lock: ProcessLock,
+    /// Record a notice in `timer_outbox` with every upsert (an external trigger relays them).
+    pub(crate) outbox: bool,
 }
 
 impl Writer {
@@ -245,7 +247,7 @@ impl Writer {
                 exec(&self.conn, "SAVEPOINT overdue_job")
                     .map_err(|e| TxFailure::from_sql("savepoint", &e))?;
             }
-            let ok = job.run(&mut WriteCtx { conn: &self.conn, generation: &mut self.generation });
+            let ok = job.run(&mut WriteCtx { conn: &self.conn, generation: &mut self.generation, outbox: self.outbox });
             if self.conn.is_autocommit() {
                 // SQLite rolled the whole transaction back (I/O error, disk full, …) or a write
                 // closure ended it. Nothing of this group can be trusted to commit.
@@ -301,6 +303,14 @@ fn attempts_out(attempts: i64) -> u32 {
     u32::try_from(attempts.max(0)).unwrap_or(u32::MAX)
 }
 
+/// `(queue, key, generation, due_at)`: one notice for the external trigger's relay.
+const OUTBOX_INSERT: &str = "INSERT INTO timer_outbox (queue, key, generation, due_at) VALUES (?1, ?2, ?3, ?4)";
+/// `(seq)`.
+const OUTBOX_DELETE: &str = "DELETE FROM timer_outbox WHERE seq = ?1";
+/// `(limit)`: the oldest notices.
+pub(crate) const OUTBOX_SELECT: &str =
+    "SELECT seq, queue, key, generation, due_at FROM timer_outbox ORDER BY seq LIMIT ?1";
+
 /// What a write closure gets: the write connection, inside the group-commit transaction and the
 /// closure's own savepoint, and the timer operations that share the store's generation counter.
 ///
@@ -312,6 +322,7 @@ fn attempts_out(attempts: i64) -> u32 {
 pub struct WriteCtx<'a> {
     conn: &'a Connection,
     generation: &'a mut i64,
+    outbox: bool,
 }
 
 impl std::fmt::Debug for WriteCtx<'_> {
@@ -351,6 +362,9 @@ impl<'a> WriteCtx<'a> {
         let generation = self.next_generation();
         let mut stmt = self.conn.prepare_cached(Q.reschedule_timer).store_err("reschedule")?;
         let changed = stmt.execute(params![queue, key, due_at, generation, now]).store_err("reschedule")?;
+        if changed > 0 {
+            self.note_outbox(queue, key, generation, due_at)?;
+        }
         Ok((changed > 0).then(|| gen_out(generation)))
     }
 
@@ -382,9 +396,28 @@ impl<'a> WriteCtx<'a> {
             *self.generation = generation;
             stmt.execute(params![s.queue, s.key, s.due_at, s.payload, generation, now])
                 .map_err(|e| sql_error("schedule", e))?;
+            self.note_outbox(&s.queue, &s.key, generation, s.due_at)?;
             out.push(gen_out(generation));
         }
         Ok(out)
+    }
+
+    /// Records a notice for the external trigger's relay, when the outbox is on.
+    fn note_outbox(&self, queue: &str, key: &str, generation: i64, due_at: i64) -> Result<()> {
+        if self.outbox {
+            let mut stmt = self.conn.prepare_cached(OUTBOX_INSERT).store_err("outbox")?;
+            stmt.execute(params![queue, key, generation, due_at]).store_err("outbox")?;
+        }
+        Ok(())
+    }
+
+    /// Deletes relayed outbox rows.
+    pub(crate) fn outbox_ack(&mut self, seqs: &[i64]) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(OUTBOX_DELETE).store_err("outbox ack")?;
+        for seq in seqs {
+            stmt.execute([seq]).store_err("outbox ack")?;
+        }
+        Ok(())
     }
 
     /// Claims the given generations (see the claim contract in `overdue_core::store`).
@@ -459,8 +492,12 @@ impl<'a> WriteCtx<'a> {
                 }
                 Settlement::Retry { due_at, attempts, error, .. } => {
                     let mut stmt = self.conn.prepare_cached(Q.settle_retry).store_err("settle retry")?;
-                    stmt.execute(params![t.queue, t.key, generation, due_at, attempts, error, now])
+                    let changed = stmt
+                        .execute(params![t.queue, t.key, generation, due_at, attempts, error, now])
                         .store_err("settle retry")?;
+                    if changed > 0 {
+                        self.note_outbox(&t.queue, &t.key, generation, *due_at)?;
+                    }
                 }
                 Settlement::DeadLetter { attempts, error, failed_at, .. } => {
                     let mut stmt = self.conn.prepare_cached(Q.dead_letter_timer).store_err("dead-letter")?;
