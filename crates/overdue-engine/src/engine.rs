@@ -43,7 +43,7 @@ use crate::config::{EngineConfig, QueueConfig, TriggerKind};
 use crate::handler::Handler;
 use crate::external::{self, Health, Waiters};
 use crate::index::MemIndex;
-use crate::stats::{EngineStats, Stats};
+use crate::stats::{EngineStats, Stats, queue_label};
 
 /// Rows fetched per page when the loader moves the horizon forward.
 const LOAD_PAGE: u32 = 10_000;
@@ -304,7 +304,7 @@ impl Engine {
             }
         }
         for (q, n) in per_queue {
-            metrics::counter!("overdue_timers_scheduled_total", "queue" => q.to_owned()).increment(n);
+            metrics::counter!("overdue_timers_scheduled_total", "queue" => queue_label(q)).increment(n);
         }
         if let Some(ix) = &self.shared.index {
             let mut earliest = i64::MAX;
@@ -336,7 +336,7 @@ impl Engine {
         }
         if removed.is_some() {
             self.shared.stats.cancelled.fetch_add(1, Relaxed);
-            metrics::counter!("overdue_timers_cancelled_total", "queue" => queue.to_owned()).increment(1);
+            metrics::counter!("overdue_timers_cancelled_total", "queue" => queue_label(queue)).increment(1);
         }
         Ok(removed.is_some())
     }
@@ -1091,19 +1091,19 @@ fn account(shared: &Shared, s: Settlement) {
     match s {
         Settlement::Done(t) => {
             st.completed.fetch_add(1, Relaxed);
-            metrics::counter!("overdue_timers_completed_total", "queue" => t.queue).increment(1);
+            metrics::counter!("overdue_timers_completed_total", "queue" => queue_label(&t.queue)).increment(1);
         }
         Settlement::Retry { timer, due_at, .. } => {
             st.retried.fetch_add(1, Relaxed);
             st.handler_failures.fetch_add(1, Relaxed);
-            metrics::counter!("overdue_handler_failures_total", "queue" => timer.queue.clone()).increment(1);
+            metrics::counter!("overdue_handler_failures_total", "queue" => queue_label(&timer.queue)).increment(1);
             shared.note_upsert(&timer.queue, &timer.key, timer.generation, due_at);
         }
         Settlement::DeadLetter { timer, .. } => {
             st.dead_lettered.fetch_add(1, Relaxed);
             st.handler_failures.fetch_add(1, Relaxed);
-            metrics::counter!("overdue_handler_failures_total", "queue" => timer.queue.clone()).increment(1);
-            metrics::counter!("overdue_dead_letters_total", "queue" => timer.queue).increment(1);
+            metrics::counter!("overdue_handler_failures_total", "queue" => queue_label(&timer.queue)).increment(1);
+            metrics::counter!("overdue_dead_letters_total", "queue" => queue_label(&timer.queue)).increment(1);
         }
         Settlement::Release(t) => {
             shared.note_upsert(&t.queue, &t.key, t.generation, t.due_at);

@@ -59,6 +59,31 @@ pub struct LatenessSummary {
     pub mean_ms: f64,
 }
 
+/// Most distinct queue names used as metric labels; later queues share the label
+/// [`OTHER_QUEUES`]. Queue names come from API clients (generic timers), and every distinct
+/// label is a time series kept forever by the exporter and by Prometheus.
+pub const MAX_QUEUE_LABELS: usize = 256;
+/// The metric label of queues beyond [`MAX_QUEUE_LABELS`].
+pub const OTHER_QUEUES: &str = "_other";
+
+/// The `queue` label for `queue`: its name for the first [`MAX_QUEUE_LABELS`] distinct queues
+/// seen by this process, [`OTHER_QUEUES`] after that.
+pub fn queue_label(queue: &str) -> String {
+    static SEEN: std::sync::OnceLock<parking_lot::RwLock<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    let seen = SEEN.get_or_init(Default::default);
+    if seen.read().contains(queue) {
+        return queue.to_owned();
+    }
+    let mut w = seen.write();
+    if w.contains(queue) || w.len() < MAX_QUEUE_LABELS {
+        w.insert(queue.to_owned());
+        queue.to_owned()
+    } else {
+        OTHER_QUEUES.to_owned()
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Stats {
     pub(crate) scheduled: AtomicU64,
@@ -105,8 +130,9 @@ impl Stats {
         let ms = lateness_ms.max(0) as u64;
         self.fired.fetch_add(1, Relaxed);
         self.lateness.lock().saturating_record(ms.min(LATENESS_MAX_MS));
-        metrics::counter!("overdue_timers_fired_total", "queue" => queue.to_owned()).increment(1);
-        metrics::histogram!("overdue_fire_lateness_seconds", "queue" => queue.to_owned()).record(ms as f64 / 1000.0);
+        let label = queue_label(queue);
+        metrics::counter!("overdue_timers_fired_total", "queue" => label.clone()).increment(1);
+        metrics::histogram!("overdue_fire_lateness_seconds", "queue" => label).record(ms as f64 / 1000.0);
     }
 
     pub(crate) fn snapshot(&self) -> EngineStats {
@@ -145,5 +171,23 @@ impl Stats {
     /// Forgets the lateness recorded so far (benchmarks measure one phase at a time).
     pub(crate) fn reset_lateness(&self) {
         self.lateness.lock().reset();
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn queue_labels_are_capped_and_stable() {
+        let names: Vec<String> = (0..MAX_QUEUE_LABELS + 10).map(|i| format!("label-test-{i}")).collect();
+        let labels: Vec<String> = names.iter().map(|n| queue_label(n)).collect();
+        let own = labels.iter().zip(&names).filter(|(l, n)| l == n).count();
+        assert!(own <= MAX_QUEUE_LABELS, "{own} distinct labels");
+        assert!(labels.iter().filter(|l| *l == OTHER_QUEUES).count() >= 10);
+        // A queue that got its own label keeps it; one that did not stays folded.
+        for (n, l) in names.iter().zip(&labels) {
+            assert_eq!(&queue_label(n), l);
+        }
     }
 }

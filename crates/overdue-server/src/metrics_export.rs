@@ -112,7 +112,20 @@ pub(crate) async fn render(state: &AppState) -> String {
 }
 
 async fn refresh(state: &AppState) -> Result<(), String> {
-    let counts = state.engine.counts().await.map_err(|e| e.to_string())?;
+    let raw = state.engine.counts().await.map_err(|e| e.to_string())?;
+    // Summed per metric label: past the label cap, queues share one series (see queue_label).
+    let mut counts: Vec<overdue::QueueCount> = Vec::new();
+    for c in raw {
+        let label = overdue::queue_label(&c.queue);
+        match counts.iter_mut().find(|x| x.queue == label) {
+            Some(x) => {
+                x.pending += c.pending;
+                x.in_flight += c.in_flight;
+                x.dead += c.dead;
+            }
+            None => counts.push(overdue::QueueCount { queue: label, ..c }),
+        }
+    }
     {
         let mut seen = state.metrics.seen_queues.lock();
         let now: HashSet<String> = counts.iter().map(|c| c.queue.clone()).collect();

@@ -15,11 +15,11 @@ use std::sync::Arc;
 pub use overdue_core::{
     Capabilities, Claimed, Clock, DeadLetter, DeadLetterQuery, Error, Firing, Limits, ListQuery,
     ManualClock, Outcome, QueueCount, Result, Settlement, Store, SystemClock, Timer, TimerRef,
-    TimerSpec, TimerState, limits,
+    TimerSpec, TimerState, limits, Delivery, DueSink, ExternalTrigger,
 };
 pub use overdue_engine::{
     Engine, EngineBuilder, EngineConfig, EngineStats, Handler, LatenessSummary, QueueConfig,
-    ShutdownReport, TriggerKind,
+    ShutdownReport, TriggerKind, queue_label,
 };
 
 /// The hierarchical timing wheel.
