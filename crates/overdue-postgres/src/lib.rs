@@ -1,0 +1,925 @@
+//! # overdue-postgres
+//!
+//! [`PgStore`]: timers in a PostgreSQL table, shared by any number of overdue nodes.
+//!
+//! ## What it guarantees
+//!
+//! - **Durable on return.** Every write is one statement or one transaction that has committed
+//!   when the call returns (at the server's `synchronous_commit`).
+//! - **The claim contract** of `overdue_core::store`, in one conditional `UPDATE … RETURNING`
+//!   per batch: a row is claimed only if its generation matches, `due_at <= now` and its lease
+//!   is empty or expired. Two nodes claiming the same row serialise on its row lock and the
+//!   second re-checks the condition (read committed), so exactly one wins.
+//! - **The scheduled scan done right.** `claim_due` (the `scan` trigger and the backstop) takes
+//!   due rows in `(due_at, queue, key)` order with `FOR UPDATE SKIP LOCKED`: scanners running at
+//!   once on several nodes take disjoint rows and never wait for each other.
+//! - **Generations** come from one `SEQUENCE`, shared by every node: never handed out twice.
+//! - **Many nodes.** Nodes split the *wake-ups* by partition leases (see [`partitions`]); the
+//!   claim decides who *runs*. A node that dies stops renewing: its partitions move to the
+//!   others within the partition lease, and its claimed rows are fired by another node once
+//!   their claim lease (the engine's `lease`) expires.
+//! - **Batched.** `schedule`, `claim` and `settle` send one statement per batch (arrays bound
+//!   with `UNNEST`), so a round trip carries up to a thousand timers.
+//! - **Connection loss** surfaces as transient store errors (the engine retries with backoff);
+//!   the pool reconnects by itself when the server is back. [`PgStore::healthy`] tells whether
+//!   the last round trip worked.
+//!
+//! ## URL
+//!
+//! `postgres://[user[:password]@]host[:port]/database[?schema=NAME&pool=N&node=NAME&partition_lease_ms=MS]`
+//!
+//! | parameter | meaning | default |
+//! |---|---|---|
+//! | `schema` | schema (created if missing) that holds overdue's tables; `[a-z0-9_]`, at most 63 | the connection's `search_path` (normally `public`) |
+//! | `pool` | most connections this node opens | 16 |
+//! | `node` | name of this node in partition leases; a node restarted under the same name takes its partitions back at once | `<host>-<pid>-<random>` |
+//! | `partition_lease_ms` | how long a partition lease lasts without renewal (renewed every third of it) | 10000 |
+//!
+//! Every other parameter goes to the driver (`sslmode`, `application_name`, …).
+
+pub mod partitions;
+mod schema;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use overdue_core::{
+    Capabilities, Claimed, DeadLetter, DeadLetterQuery, Error, ListQuery, QueueCount, Result, Settlement, Store,
+    Timer, TimerRef, TimerSpec, TimerState,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+
+pub use self::partitions::{PARTITIONS, partition_of};
+use self::partitions::Ownership;
+pub use self::schema::LATEST_VERSION;
+
+/// The backend name in errors and capabilities.
+pub(crate) const BACKEND: &str = "postgres";
+/// Default most connections per node.
+pub const DEFAULT_POOL: u32 = 16;
+/// Default partition lease.
+pub const DEFAULT_PARTITION_LEASE: Duration = Duration::from_secs(10);
+/// Shortest partition lease accepted (heartbeats every third of it).
+pub const MIN_PARTITION_LEASE: Duration = Duration::from_millis(300);
+/// How long opening waits for a connection before failing.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a call waits for a free pooled connection before failing (transiently).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to open a [`PgStore`]; [`PgOptions::from_url`] reads these from the URL.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// Schema holding the tables; `None` uses the connection's `search_path`.
+    pub schema: Option<String>,
+    /// Most connections.
+    pub pool: u32,
+    /// Name in partition leases; `None` picks a unique one.
+    pub node: Option<String>,
+    /// Partition lease length.
+    pub partition_lease: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions { schema: None, pool: DEFAULT_POOL, node: None, partition_lease: DEFAULT_PARTITION_LEASE }
+    }
+}
+
+impl PgOptions {
+    /// Splits overdue's own parameters off a `postgres://` URL; returns them and the URL for the
+    /// driver.
+    pub fn from_url(url: &str) -> Result<(PgOptions, String)> {
+        let bad = |m: String| Error::Config(format!("invalid postgres url: {m}"));
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(bad(format!("{url:?} does not start with postgres://")));
+        }
+        let mut opts = PgOptions::default();
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, q),
+            None => (url, ""),
+        };
+        let mut rest = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "schema" => {
+                    let ok = !v.is_empty()
+                        && v.len() <= 63
+                        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                        && !v.as_bytes()[0].is_ascii_digit();
+                    if !ok {
+                        return Err(bad(format!(
+                            "schema {v:?} must be 1-63 characters of a-z, 0-9 and _, not starting with a digit"
+                        )));
+                    }
+                    opts.schema = Some(v.to_owned());
+                }
+                "pool" => {
+                    opts.pool = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=1000).contains(n))
+                        .ok_or_else(|| bad(format!("pool={v:?} must be a whole number from 1 to 1000")))?;
+                }
+                "node" => {
+                    if v.is_empty() || v.len() > 200 || v.chars().any(char::is_control) {
+                        return Err(bad(format!("node={v:?} must be 1-200 printable characters")));
+                    }
+                    opts.node = Some(v.to_owned());
+                }
+                "partition_lease_ms" => {
+                    let ms: u64 = v
+                        .parse()
+                        .ok()
+                        .filter(|ms| *ms >= MIN_PARTITION_LEASE.as_millis() as u64 && *ms <= 3_600_000)
+                        .ok_or_else(|| {
+                            bad(format!("partition_lease_ms={v:?} must be a whole number from 300 to 3600000"))
+                        })?;
+                    opts.partition_lease = Duration::from_millis(ms);
+                }
+                _ => rest.push(pair),
+            }
+        }
+        let driver = if rest.is_empty() { base.to_owned() } else { format!("{base}?{}", rest.join("&")) };
+        Ok((opts, driver))
+    }
+}
+
+/// Turns a driver error into a store error; connection trouble, pool exhaustion, deadlocks and
+/// serialisation failures are transient.
+pub(crate) fn pg_err(e: sqlx::Error) -> Error {
+    let transient = match &e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            c.starts_with("08") || c.starts_with("40") || c.starts_with("53") || c.starts_with("57P")
+        }),
+        _ => false,
+    };
+    let message = match &e {
+        sqlx::Error::Database(db) => format!("{} ({})", db.message(), db.code().unwrap_or_default()),
+        other => other.to_string(),
+    };
+    Error::store(BACKEND, message, transient, e)
+}
+
+struct Inner {
+    pool: PgPool,
+    ownership: Ownership,
+    healthy: AtomicBool,
+    heartbeat: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self.heartbeat.get_mut().take() {
+            task.abort();
+        }
+    }
+}
+
+/// Timers in PostgreSQL. Cheap to clone; clones share one pool. See the crate docs.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("node", &self.inner.ownership.node)
+            .field("partitions", &self.inner.ownership.owned().len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_node() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    let host = if host.is_empty() { "node".to_owned() } else { host };
+    format!("{host}-{}-{:06x}", std::process::id(), rand::random::<u32>() & 0xff_ffff)
+}
+
+impl PgStore {
+    /// Opens the store a `postgres://` URL names (see the crate docs for its parameters).
+    pub async fn open_url(url: &str) -> Result<PgStore> {
+        let (opts, driver) = PgOptions::from_url(url)?;
+        PgStore::open(&driver, opts).await
+    }
+
+    /// Connects, migrates, and takes this node's first share of the partitions before
+    /// returning, so a single node owns every partition from its first call.
+    pub async fn open(driver_url: &str, opts: PgOptions) -> Result<PgStore> {
+        if opts.partition_lease < MIN_PARTITION_LEASE {
+            return Err(Error::Config(format!(
+                "partition lease {:?} is below the minimum of {MIN_PARTITION_LEASE:?}",
+                opts.partition_lease
+            )));
+        }
+        let mut connect: PgConnectOptions = driver_url
+            .parse()
+            .map_err(|e: sqlx::Error| Error::Config(format!("invalid postgres url: {e}")))?;
+        if let Some(schema) = &opts.schema {
+            connect = connect.options([("search_path", schema.as_str())]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.pool)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(connect.clone())
+            .await;
+        let pool = match tokio::time::timeout(CONNECT_TIMEOUT, async { pool }).await {
+            Ok(Ok(pool)) => pool,
+            Ok(Err(e)) => {
+                let e = pg_err(e);
+                return Err(Error::Config(format!("cannot connect to postgres at {}: {e}", redact(driver_url))));
+            }
+            Err(_) => return Err(Error::Config(format!("connecting to postgres at {} timed out", redact(driver_url)))),
+        };
+        schema::migrate(&pool, opts.schema.as_deref()).await?;
+        let node = opts.node.clone().unwrap_or_else(random_node);
+        let inner = Arc::new(Inner {
+            pool,
+            ownership: Ownership::new(node, opts.partition_lease),
+            healthy: AtomicBool::new(true),
+            heartbeat: parking_lot::Mutex::new(None),
+        });
+        inner.ownership.rebalance(&inner.pool).await?;
+        let weak = Arc::downgrade(&inner);
+        let period = inner.ownership.heartbeat();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                match inner.ownership.rebalance(&inner.pool).await {
+                    Ok(_) => inner.healthy.store(true, Ordering::Relaxed),
+                    Err(e) => {
+                        inner.healthy.store(false, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "postgres partition heartbeat failed; retrying");
+                    }
+                }
+            }
+        });
+        *inner.heartbeat.lock() = Some(task);
+        Ok(PgStore { inner })
+    }
+
+    /// The pool, for callers that write their own rows in the same database (the order service).
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// This node's name in partition leases.
+    pub fn node(&self) -> &str {
+        &self.inner.ownership.node
+    }
+
+    /// The partitions whose timers this node loads, sorted.
+    pub fn owned_partitions(&self) -> Vec<i32> {
+        self.inner.ownership.owned().to_vec()
+    }
+
+    /// Live nodes counted at the last heartbeat.
+    pub fn live_nodes(&self) -> u64 {
+        self.inner.ownership.live_nodes()
+    }
+
+    /// Whether the last heartbeat reached the database.
+    pub fn healthy(&self) -> bool {
+        self.inner.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Runs one partition round now (tests and operators; it also runs on its own timer).
+    pub async fn rebalance(&self) -> Result<Vec<i32>> {
+        Ok(self.inner.ownership.rebalance(&self.inner.pool).await?.to_vec())
+    }
+
+    /// Gives this node's partitions back and stops its heartbeat, so the other nodes take them
+    /// over at their next round instead of after the lease. Call on graceful shutdown.
+    pub async fn close(&self) -> Result<()> {
+        if let Some(task) = self.inner.heartbeat.lock().take() {
+            task.abort();
+        }
+        self.inner.ownership.release_all(&self.inner.pool).await
+    }
+
+    fn track<T>(&self, r: Result<T>) -> Result<T> {
+        match &r {
+            Err(e) if e.is_transient() => self.inner.healthy.store(false, Ordering::Relaxed),
+            Ok(_) => self.inner.healthy.store(true, Ordering::Relaxed),
+            Err(_) => {}
+        }
+        r
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let cred = &url[s + 3..at];
+            match cred.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+const TIMER_COLUMNS: &str = "queue, key, due_at, payload, generation, attempts, last_error, lease_owner, \
+                             lease_until, created_at, updated_at";
+
+fn timer_from_row(r: &PgRow, now: i64) -> std::result::Result<Timer, sqlx::Error> {
+    let lease_owner: Option<String> = r.try_get(7)?;
+    let lease_until: Option<i64> = r.try_get(8)?;
+    let state = match (lease_owner, lease_until) {
+        (Some(owner), Some(until)) if until > now => TimerState::InFlight { owner, lease_until: until },
+        _ => TimerState::Pending,
+    };
+    Ok(Timer {
+        queue: r.try_get(0)?,
+        key: r.try_get(1)?,
+        due_at: r.try_get(2)?,
+        payload: r.try_get(3)?,
+        generation: r.try_get::<i64, _>(4)? as u64,
+        attempts: r.try_get::<i32, _>(5)?.max(0) as u32,
+        last_error: r.try_get(6)?,
+        state,
+        created_at: r.try_get(9)?,
+        updated_at: r.try_get(10)?,
+    })
+}
+
+/// `(queue, key, generation, due_at, payload, attempts)` → a claim.
+fn claimed_from_row(r: &PgRow) -> std::result::Result<Claimed, sqlx::Error> {
+    Ok(Claimed {
+        timer: TimerRef {
+            queue: r.try_get(0)?,
+            key: r.try_get(1)?,
+            generation: r.try_get::<i64, _>(2)? as u64,
+            due_at: r.try_get(3)?,
+        },
+        payload: r.try_get(4)?,
+        attempts: r.try_get::<i32, _>(5)?.max(0) as u32,
+    })
+}
+
+fn ref_from_row(r: &PgRow) -> std::result::Result<TimerRef, sqlx::Error> {
+    Ok(TimerRef {
+        queue: r.try_get(0)?,
+        key: r.try_get(1)?,
+        generation: r.try_get::<i64, _>(2)? as u64,
+        due_at: r.try_get(3)?,
+    })
+}
+
+fn rows<T>(rows: Vec<PgRow>, f: impl Fn(&PgRow) -> std::result::Result<T, sqlx::Error>) -> Result<Vec<T>> {
+    rows.iter().map(f).collect::<std::result::Result<_, _>>().map_err(pg_err)
+}
+
+/// Columns of a batch of timer references, for `UNNEST`.
+struct RefArrays {
+    queues: Vec<String>,
+    keys: Vec<String>,
+    generations: Vec<i64>,
+}
+
+impl RefArrays {
+    fn of<'a>(refs: impl Iterator<Item = &'a TimerRef>) -> RefArrays {
+        let mut a = RefArrays { queues: Vec::new(), keys: Vec::new(), generations: Vec::new() };
+        for r in refs {
+            a.queues.push(r.queue.clone());
+            a.keys.push(r.key.clone());
+            a.generations.push(r.generation as i64);
+        }
+        a
+    }
+}
+
+/// The join of an `UNNEST`ed batch `c(queue, key, generation, …)` with `timers t`, generation
+/// fenced. The `COLLATE "C"` matches the columns' collation.
+const JOIN_GENERATION: &str =
+    "t.queue = c.queue COLLATE \"C\" AND t.key = c.key COLLATE \"C\" AND t.generation = c.generation";
+
+#[async_trait]
+impl Store for PgStore {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { name: BACKEND, durable: true, shared: true }
+    }
+
+    async fn schedule(&self, timers: Vec<TimerSpec>, now: i64) -> Result<Vec<u64>> {
+        if timers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = timers.len();
+        let mut queues = Vec::with_capacity(n);
+        let mut keys = Vec::with_capacity(n);
+        let mut parts = Vec::with_capacity(n);
+        let mut dues = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        for t in timers {
+            parts.push(partition_of(&t.queue, &t.key));
+            dues.push(t.due_at);
+            queues.push(t.queue);
+            keys.push(t.key);
+            payloads.push(t.payload);
+        }
+        let r = sqlx::query(
+            "INSERT INTO timers (queue, key, part, due_at, payload, generation, attempts, last_error, \
+             lease_owner, lease_until, created_at, updated_at) \
+             SELECT q, k, p, d, pl, nextval('overdue_generation'), 0, NULL, NULL, NULL, $6, $6 \
+             FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[], $5::bytea[]) WITH ORDINALITY AS u(q, k, p, d, pl, o) \
+             ORDER BY o \
+             ON CONFLICT (queue, key) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload, \
+             generation = EXCLUDED.generation, attempts = 0, last_error = NULL, lease_owner = NULL, \
+             lease_until = NULL, updated_at = EXCLUDED.updated_at \
+             RETURNING queue, key, generation",
+        )
+        .bind(&queues)
+        .bind(&keys)
+        .bind(&parts)
+        .bind(&dues)
+        .bind(&payloads)
+        .bind(now)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(pg_err);
+        let returned = self.track(r)?;
+        let mut by_id: HashMap<(String, String), u64> = HashMap::with_capacity(n);
+        for r in &returned {
+            let q: String = r.try_get(0).map_err(pg_err)?;
+            let k: String = r.try_get(1).map_err(pg_err)?;
+            let g: i64 = r.try_get(2).map_err(pg_err)?;
+            by_id.insert((q, k), g as u64);
+        }
+        queues
+            .into_iter()
+            .zip(keys)
+            .map(|(q, k)| {
+                by_id.get(&(q, k)).copied().ok_or_else(|| {
+                    Error::Store {
+                        backend: BACKEND,
+                        message: "an upserted timer was not returned (duplicate identity in the batch?)".into(),
+                        transient: false,
+                        source: None,
+                    }
+                })
+            })
+            .collect()
+    }
+
+    async fn cancel(&self, queue: &str, key: &str) -> Result<Option<u64>> {
+        let r = sqlx::query("DELETE FROM timers WHERE queue = $1 AND key = $2 RETURNING generation")
+            .bind(queue)
+            .bind(key)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(pg_err);
+        let row = self.track(r)?;
+        row.map(|r| r.try_get::<i64, _>(0).map(|g| g as u64)).transpose().map_err(pg_err)
+    }
+
+    async fn reschedule(&self, queue: &str, key: &str, due_at: i64, now: i64) -> Result<Option<u64>> {
+        let r = sqlx::query(
+            "UPDATE timers SET due_at = $3, generation = nextval('overdue_generation'), attempts = 0, \
+             last_error = NULL, lease_owner = NULL, lease_until = NULL, updated_at = $4 \
+             WHERE queue = $1 AND key = $2 RETURNING generation",
+        )
+        .bind(queue)
+        .bind(key)
+        .bind(due_at)
+        .bind(now)
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(pg_err);
+        let row = self.track(r)?;
+        row.map(|r| r.try_get::<i64, _>(0).map(|g| g as u64)).transpose().map_err(pg_err)
+    }
+
+    async fn get(&self, queue: &str, key: &str, now: i64) -> Result<Option<Timer>> {
+        let r = sqlx::query(&format!("SELECT {TIMER_COLUMNS} FROM timers WHERE queue = $1 AND key = $2"))
+            .bind(queue)
+            .bind(key)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(pg_err);
+        let row = self.track(r)?;
+        row.map(|r| timer_from_row(&r, now)).transpose().map_err(pg_err)
+    }
+
+    async fn list(&self, query: &ListQuery, now: i64) -> Result<Vec<Timer>> {
+        let mut conds = Vec::new();
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if query.queue.is_some() {
+            conds.push(format!("queue = {}", next()));
+        }
+        if query.due_from.is_some() {
+            conds.push(format!("due_at >= {}", next()));
+        }
+        if query.due_to.is_some() {
+            conds.push(format!("due_at <= {}", next()));
+        }
+        if query.after.is_some() {
+            let (d, q, k) = (next(), next(), next());
+            conds.push(format!("(due_at, queue, key) > ({d}, {q}, {k})"));
+        }
+        let limit = next();
+        let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
+        let sql = format!("SELECT {TIMER_COLUMNS} FROM timers{filter} ORDER BY due_at, queue, key LIMIT {limit}");
+        let mut q = sqlx::query(&sql);
+        if let Some(queue) = &query.queue {
+            q = q.bind(queue);
+        }
+        if let Some(from) = query.due_from {
+            q = q.bind(from);
+        }
+        if let Some(to) = query.due_to {
+            q = q.bind(to);
+        }
+        if let Some((d, qu, k)) = &query.after {
+            q = q.bind(*d).bind(qu).bind(k);
+        }
+        let r = q.bind(i64::from(query.effective_limit())).fetch_all(&self.inner.pool).await.map_err(pg_err);
+        let found = self.track(r)?;
+        rows(found, |r| timer_from_row(r, now))
+    }
+
+    async fn counts(&self, now: i64) -> Result<Vec<QueueCount>> {
+        let r = sqlx::query(
+            "SELECT queue, \
+             COUNT(*) FILTER (WHERE lease_until IS NULL OR lease_until <= $1), \
+             COUNT(*) FILTER (WHERE lease_until > $1) \
+             FROM timers GROUP BY queue",
+        )
+        .bind(now)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(pg_err);
+        let timers = self.track(r)?;
+        let dead = sqlx::query("SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue")
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(pg_err)?;
+        let mut out: std::collections::BTreeMap<String, QueueCount> = std::collections::BTreeMap::new();
+        for r in &timers {
+            let queue: String = r.try_get(0).map_err(pg_err)?;
+            let c = out.entry(queue.clone()).or_insert_with(|| QueueCount { queue, ..QueueCount::default() });
+            c.pending = r.try_get::<i64, _>(1).map_err(pg_err)? as u64;
+            c.in_flight = r.try_get::<i64, _>(2).map_err(pg_err)? as u64;
+        }
+        for r in &dead {
+            let queue: String = r.try_get(0).map_err(pg_err)?;
+            let c = out.entry(queue.clone()).or_insert_with(|| QueueCount { queue, ..QueueCount::default() });
+            c.dead = r.try_get::<i64, _>(1).map_err(pg_err)? as u64;
+        }
+        Ok(out.into_values().collect())
+    }
+
+    async fn due_refs(&self, after: Option<&(i64, String, String)>, until: i64, limit: u32) -> Result<Vec<TimerRef>> {
+        let owned = self.inner.ownership.owned();
+        if owned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all = owned.len() == PARTITIONS as usize;
+        let part_filter = if all { "" } else { " AND part = ANY($1)" };
+        let r = match after {
+            Some((d, q, k)) => {
+                sqlx::query(&format!(
+                    "SELECT queue, key, generation, due_at FROM timers \
+                     WHERE (due_at, queue, key) > ($2, $3, $4) AND due_at <= $5{part_filter} \
+                     ORDER BY due_at, queue, key LIMIT $6"
+                ))
+                .bind(&owned[..])
+                .bind(*d)
+                .bind(q)
+                .bind(k)
+                .bind(until)
+                .bind(i64::from(limit))
+                .fetch_all(&self.inner.pool)
+                .await
+            }
+            None => {
+                sqlx::query(&format!(
+                    "SELECT queue, key, generation, due_at FROM timers WHERE due_at <= $2{part_filter} \
+                     ORDER BY due_at, queue, key LIMIT $3"
+                ))
+                .bind(&owned[..])
+                .bind(until)
+                .bind(i64::from(limit))
+                .fetch_all(&self.inner.pool)
+                .await
+            }
+        }
+        .map_err(pg_err);
+        let found = self.track(r)?;
+        rows(found, ref_from_row)
+    }
+
+    async fn claim(&self, timers: &[TimerRef], owner: &str, now: i64, lease_until: i64) -> Result<Vec<Claimed>> {
+        if timers.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Lock rows in one order on every node, so two overlapping batches cannot deadlock.
+        let mut sorted: Vec<&TimerRef> = timers.iter().collect();
+        sorted.sort_unstable_by(|a, b| (&a.queue, &a.key).cmp(&(&b.queue, &b.key)));
+        let a = RefArrays::of(sorted.into_iter());
+        let r = sqlx::query(&format!(
+            "UPDATE timers t SET lease_owner = $1, lease_until = $2 \
+             FROM UNNEST($3::text[], $4::text[], $5::int8[]) AS c(queue, key, generation) \
+             WHERE {JOIN_GENERATION} AND t.due_at <= $6 AND (t.lease_until IS NULL OR t.lease_until <= $6) \
+             RETURNING t.queue, t.key, t.generation, t.due_at, t.payload, t.attempts"
+        ))
+        .bind(owner)
+        .bind(lease_until)
+        .bind(&a.queues)
+        .bind(&a.keys)
+        .bind(&a.generations)
+        .bind(now)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(pg_err);
+        let found = rows(self.track(r)?, claimed_from_row)?;
+        // Hand the claims back in input order.
+        let index: HashMap<(&str, &str), usize> =
+            timers.iter().enumerate().map(|(i, t)| ((t.queue.as_str(), t.key.as_str()), i)).collect();
+        let mut out: Vec<(usize, Claimed)> = found
+            .into_iter()
+            .filter_map(|c| index.get(&(c.timer.queue.as_str(), c.timer.key.as_str())).copied().map(|i| (i, c)))
+            .collect();
+        out.sort_unstable_by_key(|(i, _)| *i);
+        Ok(out.into_iter().map(|(_, c)| c).collect())
+    }
+
+    async fn claim_due(
+        &self,
+        now: i64,
+        due_before: i64,
+        limit: u32,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<Vec<Claimed>> {
+        let r = sqlx::query(
+            "UPDATE timers t SET lease_owner = $4, lease_until = $5 FROM ( \
+               SELECT queue, key FROM timers \
+               WHERE due_at <= $1 AND (lease_until IS NULL OR lease_until <= $2) \
+               ORDER BY due_at, queue, key LIMIT $3 FOR UPDATE SKIP LOCKED) d \
+             WHERE t.queue = d.queue AND t.key = d.key \
+             RETURNING t.queue, t.key, t.generation, t.due_at, t.payload, t.attempts",
+        )
+        .bind(due_before.min(now))
+        .bind(now)
+        .bind(i64::from(limit))
+        .bind(owner)
+        .bind(lease_until)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(pg_err);
+        let mut found = rows(self.track(r)?, claimed_from_row)?;
+        found.sort_unstable_by(|a, b| {
+            (a.timer.due_at, &a.timer.queue, &a.timer.key).cmp(&(b.timer.due_at, &b.timer.queue, &b.timer.key))
+        });
+        Ok(found)
+    }
+
+    async fn settle(&self, batch: Vec<Settlement>, now: i64) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut done = Vec::new();
+        let mut release = Vec::new();
+        let mut retry = Vec::new();
+        let mut dead = Vec::new();
+        for s in &batch {
+            match s {
+                Settlement::Done(t) => done.push(t),
+                Settlement::Release(t) => release.push(t),
+                Settlement::Retry { .. } => retry.push(s),
+                Settlement::DeadLetter { .. } => dead.push(s),
+            }
+        }
+        let r = async {
+            let mut tx = self.inner.pool.begin().await?;
+            if !dead.is_empty() {
+                let mut a = RefArrays::of(dead.iter().map(|s| s.timer()));
+                let mut attempts = Vec::new();
+                let mut errors = Vec::new();
+                let mut failed = Vec::new();
+                for s in &dead {
+                    if let Settlement::DeadLetter { attempts: n, error, failed_at, .. } = s {
+                        attempts.push(*n as i32);
+                        errors.push(error.clone());
+                        failed.push(*failed_at);
+                    }
+                }
+                sqlx::query(&format!(
+                    "WITH moved AS ( \
+                       DELETE FROM timers t \
+                       USING UNNEST($1::text[], $2::text[], $3::int8[], $4::int4[], $5::text[], $6::int8[]) \
+                             AS c(queue, key, generation, attempts, error, failed_at) \
+                       WHERE {JOIN_GENERATION} \
+                       RETURNING t.queue, t.key, t.generation, t.due_at, t.payload, c.attempts, c.error, c.failed_at) \
+                     INSERT INTO dead_letters (queue, key, generation, due_at, payload, attempts, error, failed_at) \
+                     SELECT * FROM moved"
+                ))
+                .bind(std::mem::take(&mut a.queues))
+                .bind(std::mem::take(&mut a.keys))
+                .bind(std::mem::take(&mut a.generations))
+                .bind(attempts)
+                .bind(errors)
+                .bind(failed)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if !done.is_empty() {
+                let a = RefArrays::of(done.iter().copied());
+                sqlx::query(&format!(
+                    "DELETE FROM timers t USING UNNEST($1::text[], $2::text[], $3::int8[]) AS c(queue, key, generation) \
+                     WHERE {JOIN_GENERATION}"
+                ))
+                .bind(a.queues)
+                .bind(a.keys)
+                .bind(a.generations)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if !release.is_empty() {
+                let a = RefArrays::of(release.iter().copied());
+                sqlx::query(&format!(
+                    "UPDATE timers t SET lease_owner = NULL, lease_until = NULL \
+                     FROM UNNEST($1::text[], $2::text[], $3::int8[]) AS c(queue, key, generation) \
+                     WHERE {JOIN_GENERATION}"
+                ))
+                .bind(a.queues)
+                .bind(a.keys)
+                .bind(a.generations)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if !retry.is_empty() {
+                let a = RefArrays::of(retry.iter().map(|s| s.timer()));
+                let mut dues = Vec::new();
+                let mut attempts = Vec::new();
+                let mut errors = Vec::new();
+                for s in &retry {
+                    if let Settlement::Retry { due_at, attempts: n, error, .. } = s {
+                        dues.push(*due_at);
+                        attempts.push(*n as i32);
+                        errors.push(error.clone());
+                    }
+                }
+                sqlx::query(&format!(
+                    "UPDATE timers t SET due_at = c.due_at, attempts = c.attempts, last_error = c.error, \
+                     lease_owner = NULL, lease_until = NULL, updated_at = $7 \
+                     FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[], $6::text[]) \
+                          AS c(queue, key, generation, due_at, attempts, error) \
+                     WHERE {JOIN_GENERATION}"
+                ))
+                .bind(a.queues)
+                .bind(a.keys)
+                .bind(a.generations)
+                .bind(dues)
+                .bind(attempts)
+                .bind(errors)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await
+        }
+        .await
+        .map_err(pg_err);
+        self.track(r)
+    }
+
+    async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>> {
+        let limit = match query.limit {
+            0 => 100,
+            n => n.min(10_000),
+        };
+        let after = query.after_id.unwrap_or(i64::MIN);
+        let base = "SELECT id, queue, key, generation, due_at, payload, attempts, error, failed_at FROM dead_letters \
+                    WHERE id > $1";
+        let r = match &query.queue {
+            Some(q) => {
+                sqlx::query(&format!("{base} AND queue = $3 ORDER BY id LIMIT $2"))
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .bind(q)
+                    .fetch_all(&self.inner.pool)
+                    .await
+            }
+            None => {
+                sqlx::query(&format!("{base} ORDER BY id LIMIT $2"))
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.inner.pool)
+                    .await
+            }
+        }
+        .map_err(pg_err);
+        rows(self.track(r)?, |r| {
+            Ok(DeadLetter {
+                id: r.try_get(0)?,
+                queue: r.try_get(1)?,
+                key: r.try_get(2)?,
+                generation: r.try_get::<i64, _>(3)? as u64,
+                due_at: r.try_get(4)?,
+                payload: r.try_get(5)?,
+                attempts: r.try_get::<i32, _>(6)?.max(0) as u32,
+                error: r.try_get(7)?,
+                failed_at: r.try_get(8)?,
+            })
+        })
+    }
+
+    async fn replay(&self, id: i64, due_at: i64, now: i64) -> Result<Option<u64>> {
+        let r = async {
+            let mut tx = self.inner.pool.begin().await?;
+            let Some(row) = sqlx::query("DELETE FROM dead_letters WHERE id = $1 RETURNING queue, key, payload")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let queue: String = row.try_get(0)?;
+            let key: String = row.try_get(1)?;
+            let payload: Vec<u8> = row.try_get(2)?;
+            let g: i64 = sqlx::query(
+                "INSERT INTO timers (queue, key, part, due_at, payload, generation, attempts, last_error, \
+                 lease_owner, lease_until, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, nextval('overdue_generation'), 0, NULL, NULL, NULL, $6, $6) \
+                 ON CONFLICT (queue, key) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload, \
+                 generation = EXCLUDED.generation, attempts = 0, last_error = NULL, lease_owner = NULL, \
+                 lease_until = NULL, updated_at = EXCLUDED.updated_at RETURNING generation",
+            )
+            .bind(&queue)
+            .bind(&key)
+            .bind(partition_of(&queue, &key))
+            .bind(due_at)
+            .bind(payload)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+            tx.commit().await?;
+            Ok(Some(g as u64))
+        }
+        .await
+        .map_err(pg_err);
+        self.track(r)
+    }
+
+    fn ownership_epoch(&self) -> u64 {
+        self.inner.ownership.epoch()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parameters_are_split_from_the_driver_url() {
+        let (o, d) = PgOptions::from_url("postgres://u:p@127.0.0.1/test?schema=abc_1&sslmode=disable&pool=4&node=n1")
+            .expect("valid");
+        assert_eq!(o.schema.as_deref(), Some("abc_1"));
+        assert_eq!((o.pool, o.node.as_deref()), (4, Some("n1")));
+        assert_eq!(d, "postgres://u:p@127.0.0.1/test?sslmode=disable");
+        let (o, d) = PgOptions::from_url("postgresql://127.0.0.1/test").expect("valid");
+        assert_eq!((o.schema, o.pool, d.as_str()), (None, DEFAULT_POOL, "postgresql://127.0.0.1/test"));
+    }
+
+    #[test]
+    fn bad_url_parameters_are_clear_errors() {
+        for (url, needle) in [
+            ("mysql://x", "does not start with postgres://"),
+            ("postgres://h/db?schema=Bad-Name", "schema"),
+            ("postgres://h/db?schema=1abc", "schema"),
+            ("postgres://h/db?schema=", "schema"),
+            ("postgres://h/db?pool=0", "pool"),
+            ("postgres://h/db?pool=x", "pool"),
+            ("postgres://h/db?partition_lease_ms=10", "partition_lease_ms"),
+            ("postgres://h/db?node=", "node"),
+        ] {
+            let e = PgOptions::from_url(url).expect_err(url).to_string();
+            assert!(e.contains(needle) && e.starts_with("invalid configuration: invalid postgres url"), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted_in_messages() {
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+    }
+}
