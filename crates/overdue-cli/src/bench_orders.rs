@@ -40,9 +40,21 @@ pub struct OrdersBenchArgs {
     /// SQLite durability of the server's store: buffer, normal or full.
     #[arg(long, default_value = "full")]
     durability: String,
+    /// Load generator: `raw` (hand-written HTTP/1.1 on keep-alive connections, one thread) or
+    /// `reqwest` (the reqwest client on the bench's runtime; costs more CPU per request).
+    #[arg(long, value_enum, default_value = "raw")]
+    loadgen: LoadGen,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// Which HTTP client drives the load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadGen {
+    Raw,
+    Reqwest,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -61,6 +73,19 @@ struct OrdersReport {
     close_lateness_max_ms: u64,
     server_peak_rss_bytes: u64,
     errors: u64,
+    loadgen: Option<LoadGen>,
+    /// CPU seconds of the server from the first order until no order was pending.
+    server_cpu_secs: f64,
+    /// CPU seconds of the server during the load phase only.
+    server_cpu_load_secs: f64,
+    /// CPU seconds of the bench process (the load generator) during the load phase.
+    loadgen_cpu_secs: f64,
+    /// (server_cpu_secs + loadgen_cpu_secs) / created, microseconds.
+    cpu_us_per_order: f64,
+    server_cpu_us_per_order: f64,
+    loadgen_cpu_us_per_order: f64,
+    /// Server CPU seconds by thread name over the same window as `server_cpu_secs`.
+    server_threads: Vec<(String, f64)>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -113,45 +138,19 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
     }
 
     let (created, paid, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let stop_at = Instant::now() + Duration::from_secs(args.seconds);
+    let counters = Counters { created: created.clone(), paid: paid.clone(), errors: errors.clone() };
+    let server_cpu_before = cpu_secs(&format!("/proc/{pid}/stat"));
+    let server_threads_before = thread_cpu(pid);
+    let self_cpu_before = cpu_secs("/proc/self/stat");
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..args.clients {
-        let (http, base, created, paid, errors, ratio) = (http.clone(), base.clone(), created.clone(), paid.clone(), errors.clone(), args.pay_ratio);
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while Instant::now() < stop_at {
-                n += 1;
-                let product = ["p1", "p2", "p3"][(n % 3) as usize];
-                let body = json!({"buyer": format!("b{c}-{n}"), "items": [{"product_id": product, "quantity": 1}]});
-                let Ok(r) = http.post(format!("{base}/v1/orders")).json(&body).send().await else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                if !r.status().is_success() {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                created.fetch_add(1, Ordering::Relaxed);
-                let Ok(order) = r.json::<Value>().await else { continue };
-                if rand::rng().random_bool(ratio) {
-                    let id = order.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
-                    match http.post(format!("{base}/v1/orders/{id}/pay")).send().await {
-                        Ok(r) if r.status().is_success() => {
-                            paid.fetch_add(1, Ordering::Relaxed);
-                        }
-                        _ => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
+    let stop_at = started + Duration::from_secs(args.seconds);
+    match args.loadgen {
+        LoadGen::Raw => raw_load(port, args.clients, args.pay_ratio, stop_at, counters).await?,
+        LoadGen::Reqwest => reqwest_load(&http, &base, args.clients, args.pay_ratio, stop_at, counters).await,
     }
     let load_secs = started.elapsed().as_secs_f64();
+    let loadgen_cpu = cpu_secs("/proc/self/stat") - self_cpu_before;
+    let server_cpu_load = cpu_secs(&format!("/proc/{pid}/stat")) - server_cpu_before;
     // Wait for the last deadlines, then for no order to be pending.
     tokio::time::sleep(Duration::from_secs(args.timeout_secs)).await;
     let give_up = Instant::now() + Duration::from_secs(60);
@@ -163,28 +162,47 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // Everything the server spent on this run's orders: requests, timers and their writes.
+    let server_cpu = cpu_secs(&format!("/proc/{pid}/stat")) - server_cpu_before;
+    let mut server_threads: Vec<(String, f64)> = thread_cpu(pid)
+        .into_iter()
+        .map(|(name, secs)| {
+            let before = server_threads_before.iter().find(|(n, _)| *n == name).map_or(0.0, |(_, s)| *s);
+            (name, secs - before)
+        })
+        .filter(|(_, secs)| *secs > 0.0)
+        .collect();
+    server_threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+
+    // A closed order never changes again, so its `updated_at` is the `at` of its `closed` event
+    // (both are the closing write's "now"); the first pages are checked against the events.
     let mut lateness = Histogram::<u64>::new_with_max(3_600_000, 3)?;
-    let mut early = 0u64;
+    let (mut early, mut mismatched, mut checked) = (0u64, 0u64, 0u32);
     let mut before: Option<String> = None;
     loop {
         let q = before.as_ref().map_or(String::new(), |b| format!("&before={b}"));
         let page: Value = http.get(format!("{base}/v1/orders?status=closed&limit=500{q}")).send().await?.json().await?;
         let orders = page.get("orders").and_then(Value::as_array).cloned().unwrap_or_default();
         for o in &orders {
-            let id = o.get("id").and_then(Value::as_str).unwrap_or_default();
             let deadline = o.get("pay_deadline").and_then(Value::as_i64).unwrap_or(0);
-            let full: Value = http.get(format!("{base}/v1/orders/{id}")).send().await?.json().await?;
-            let closed_at = full
-                .get("events")
-                .and_then(Value::as_array)
-                .and_then(|evs| evs.iter().find(|e| e.get("kind").and_then(Value::as_str) == Some("closed")))
-                .and_then(|e| e.get("at").and_then(Value::as_i64));
-            if let Some(at) = closed_at {
-                if at < deadline {
-                    early += 1;
+            let Some(at) = o.get("updated_at").and_then(Value::as_i64) else { continue };
+            if checked < 200 {
+                checked += 1;
+                let id = o.get("id").and_then(Value::as_str).unwrap_or_default();
+                let full: Value = http.get(format!("{base}/v1/orders/{id}")).send().await?.json().await?;
+                let event_at = full
+                    .get("events")
+                    .and_then(Value::as_array)
+                    .and_then(|evs| evs.iter().find(|e| e.get("kind").and_then(Value::as_str) == Some("closed")))
+                    .and_then(|e| e.get("at").and_then(Value::as_i64));
+                if event_at != Some(at) {
+                    mismatched += 1;
                 }
-                lateness.saturating_record((at - deadline).max(0) as u64);
             }
+            if at < deadline {
+                early += 1;
+            }
+            lateness.saturating_record((at - deadline).max(0) as u64);
         }
         match page.get("next_before").and_then(Value::as_str) {
             Some(n) if !orders.is_empty() => before = Some(n.to_owned()),
@@ -195,6 +213,8 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
     let _ = child.start_kill();
     let _ = child.wait().await;
 
+    let n_created = created.load(Ordering::Relaxed);
+    let per_order = |secs: f64| if n_created == 0 { 0.0 } else { secs * 1e6 / n_created as f64 };
     let r = OrdersReport {
         clients: args.clients,
         seconds: args.seconds,
@@ -210,6 +230,14 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
         close_lateness_max_ms: lateness.max(),
         server_peak_rss_bytes: rss,
         errors: errors.load(Ordering::Relaxed),
+        loadgen: Some(args.loadgen),
+        server_cpu_secs: server_cpu,
+        server_cpu_load_secs: server_cpu_load,
+        loadgen_cpu_secs: loadgen_cpu,
+        cpu_us_per_order: per_order(server_cpu + loadgen_cpu),
+        server_cpu_us_per_order: per_order(server_cpu),
+        loadgen_cpu_us_per_order: per_order(loadgen_cpu),
+        server_threads,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -221,11 +249,327 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
         println!("{:<36} {:>14}", "close lateness p50 / p99 / max", format!("{} / {} / {} ms", r.close_lateness_p50_ms, r.close_lateness_p99_ms, r.close_lateness_max_ms));
         println!("{:<36} {:>14}", "server peak RSS", format!("{:.1} MB", r.server_peak_rss_bytes as f64 / 1e6));
         println!("{:<36} {:>14}", "request errors", r.errors);
+        println!("{:<36} {:>14}", "load generator", format!("{:?}", args.loadgen).to_lowercase());
+        println!(
+            "{:<36} {:>14}",
+            "CPU per order (server + loadgen)",
+            format!("{:.1} µs ({:.1} + {:.1})", r.cpu_us_per_order, r.server_cpu_us_per_order, r.loadgen_cpu_us_per_order)
+        );
+        println!(
+            "{:<36} {:>14}",
+            "CPU s: server (load phase) / loadgen",
+            format!("{:.2} ({:.2}) / {:.2}", r.server_cpu_secs, r.server_cpu_load_secs, r.loadgen_cpu_secs)
+        );
+        let threads: Vec<String> = r.server_threads.iter().take(6).map(|(n, s)| format!("{n} {s:.2}")).collect();
+        println!("{:<36} {}", "server CPU s by thread", threads.join(", "));
     }
-    if still_pending || early > 0 {
-        eprintln!("FAIL: {} — the invariant does not hold",
-            if still_pending { "orders were still pending a minute after their deadline" } else { "orders closed before their deadline" });
+    if still_pending || early > 0 || mismatched > 0 {
+        eprintln!(
+            "FAIL: {} — the invariant does not hold",
+            if still_pending {
+                "orders were still pending a minute after their deadline"
+            } else if early > 0 {
+                "orders closed before their deadline"
+            } else {
+                "a closed order's updated_at differs from its closed event"
+            }
+        );
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The bench's shared counters.
+#[derive(Clone)]
+struct Counters {
+    created: Arc<AtomicU64>,
+    paid: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+}
+
+/// Clock ticks per second of `/proc/*/stat` times (`USER_HZ`, 100 on Linux).
+const CLK_TCK: f64 = 100.0;
+
+/// utime + stime of a `/proc/.../stat` file, in seconds (0 if unreadable).
+fn cpu_secs(stat_path: &str) -> f64 {
+    std::fs::read_to_string(stat_path).ok().and_then(|s| parse_stat(&s)).map_or(0.0, |(_, secs)| secs)
+}
+
+/// `(comm, utime + stime seconds)` of one stat line; `comm` may contain spaces and parentheses.
+fn parse_stat(s: &str) -> Option<(String, f64)> {
+    let open = s.find('(')?;
+    let close = s.rfind(')')?;
+    let comm = s.get(open + 1..close)?.to_owned();
+    let rest: Vec<&str> = s.get(close + 2..)?.split_whitespace().collect();
+    // Fields 14 and 15 of the line; `rest` starts at field 3.
+    let utime: f64 = rest.get(11)?.parse().ok()?;
+    let stime: f64 = rest.get(12)?.parse().ok()?;
+    Some((comm, (utime + stime) / CLK_TCK))
+}
+
+/// CPU seconds per thread name of process `pid` (threads of one name summed).
+fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for entry in dir.flatten() {
+        let Some((name, secs)) = std::fs::read_to_string(entry.path().join("stat")).ok().and_then(|s| parse_stat(&s)) else {
+            continue;
+        };
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, total)) => *total += secs,
+            None => out.push((name, secs)),
+        }
+    }
+    out
+}
+
+/// The original load generator: reqwest clients on the bench's multi-threaded runtime.
+async fn reqwest_load(http: &reqwest::Client, base: &str, clients: usize, ratio: f64, stop_at: Instant, k: Counters) {
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (http, base, k) = (http.clone(), base.to_owned(), k.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < stop_at {
+                n += 1;
+                let product = PRODUCTS[(n % 3) as usize];
+                let body = json!({"buyer": format!("b{c}-{n}"), "items": [{"product_id": product, "quantity": 1}]});
+                let Ok(r) = http.post(format!("{base}/v1/orders")).json(&body).send().await else {
+                    k.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                if !r.status().is_success() {
+                    k.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                k.created.fetch_add(1, Ordering::Relaxed);
+                let Ok(order) = r.json::<Value>().await else { continue };
+                if rand::rng().random_bool(ratio) {
+                    let id = order.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
+                    match http.post(format!("{base}/v1/orders/{id}/pay")).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            k.paid.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            k.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+const PRODUCTS: [&str; 3] = ["p1", "p2", "p3"];
+
+/// The light load generator: `clients` keep-alive HTTP/1.1 connections driven by one
+/// single-threaded runtime on its own OS thread, as wrk does. Requests are written into a reused
+/// buffer; responses are parsed for real (status line, `Content-Length`, the JSON body's `id`).
+async fn raw_load(port: u16, clients: usize, ratio: f64, stop_at: Instant, k: Counters) -> anyhow::Result<()> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-loadgen".to_owned())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread().enable_all().build().map(|rt| {
+                rt.block_on(async move {
+                    let mut tasks = Vec::new();
+                    for c in 0..clients {
+                        tasks.push(tokio::spawn(raw_client(port, c, ratio, stop_at, k.clone())));
+                    }
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                })
+            });
+            let _ = done_tx.send(result);
+        })
+        .context("starting the load generator thread")?;
+    done_rx.await.context("the load generator thread died")?.context("building the load generator runtime")?;
+    Ok(())
+}
+
+/// One HTTP/1.1 response: status code and body.
+struct Response<'a> {
+    status: u16,
+    body: &'a [u8],
+}
+
+/// A keep-alive HTTP/1.1 connection with reused buffers.
+struct Conn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    /// Bytes of `buf` that belong to the current (or next) response.
+    filled: usize,
+    /// Where the next response starts in `buf` after the current one was handed out.
+    consumed: usize,
+}
+
+impl Conn {
+    async fn open(port: u16) -> std::io::Result<Conn> {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.set_nodelay(true)?;
+        Ok(Conn { stream, buf: vec![0; 16 * 1024], filled: 0, consumed: 0 })
+    }
+
+    /// Sends `req` and reads one whole response.
+    async fn call(&mut self, req: &[u8]) -> anyhow::Result<Response<'_>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream.write_all(req).await?;
+        // Drop the previous response; keep anything read past it.
+        self.buf.copy_within(self.consumed..self.filled, 0);
+        self.filled -= self.consumed;
+        self.consumed = 0;
+        loop {
+            if let Some((status, head_len, body_len)) = parse_head(&self.buf[..self.filled])? {
+                let total = head_len + body_len;
+                if total > self.buf.len() {
+                    self.buf.resize(total, 0);
+                }
+                while self.filled < total {
+                    let n = self.stream.read(&mut self.buf[self.filled..]).await?;
+                    if n == 0 {
+                        bail!("connection closed inside a response body");
+                    }
+                    self.filled += n;
+                }
+                self.consumed = total;
+                return Ok(Response { status, body: &self.buf[head_len..total] });
+            }
+            if self.filled == self.buf.len() {
+                bail!("response head larger than {} bytes", self.buf.len());
+            }
+            let n = self.stream.read(&mut self.buf[self.filled..]).await?;
+            if n == 0 {
+                bail!("connection closed before a response");
+            }
+            self.filled += n;
+        }
+    }
+}
+
+/// Parses a response head: `Some((status, head length, Content-Length))` once `\r\n\r\n` has
+/// arrived. Chunked bodies are refused (the API always sends a length).
+fn parse_head(b: &[u8]) -> anyhow::Result<Option<(u16, usize, usize)>> {
+    let Some(end) = b.windows(4).position(|w| w == b"\r\n\r\n") else { return Ok(None) };
+    let head = std::str::from_utf8(&b[..end]).context("response head is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    if !parts.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
+        bail!("not an HTTP/1.x response: {status_line:?}");
+    }
+    let status: u16 = parts.next().and_then(|c| c.parse().ok()).with_context(|| format!("bad status line {status_line:?}"))?;
+    let mut length = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else { bail!("bad header line {line:?}") };
+        if name.eq_ignore_ascii_case("content-length") {
+            length = Some(value.trim().parse::<usize>().with_context(|| format!("bad content-length {value:?}"))?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            bail!("unexpected transfer-encoding {value:?}");
+        }
+    }
+    Ok(Some((status, end + 4, length.unwrap_or(0))))
+}
+
+/// The `id` of a created order's JSON body.
+#[derive(serde::Deserialize)]
+struct CreatedOrder<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+}
+
+async fn raw_client(port: u16, c: usize, ratio: f64, stop_at: Instant, k: Counters) {
+    use std::io::Write;
+    let mut conn: Option<Conn> = None;
+    let mut req = Vec::with_capacity(512);
+    let mut body = Vec::with_capacity(128);
+    let mut id = String::with_capacity(64);
+    let mut n = 0u64;
+    while Instant::now() < stop_at {
+        if conn.is_none() {
+            match Conn::open(port).await {
+                Ok(c) => conn = Some(c),
+                Err(_) => {
+                    k.errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(cn) = conn.as_mut() else { continue };
+        n += 1;
+        body.clear();
+        let _ = write!(body, r#"{{"buyer":"b{c}-{n}","items":[{{"product_id":"{}","quantity":1}}]}}"#, PRODUCTS[(n % 3) as usize]);
+        req.clear();
+        let _ = write!(
+            req,
+            "POST /v1/orders HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        req.extend_from_slice(&body);
+        id.clear();
+        match cn.call(&req).await {
+            Ok(r) if r.status == 201 => match serde_json::from_slice::<CreatedOrder<'_>>(r.body) {
+                Ok(o) => {
+                    k.created.fetch_add(1, Ordering::Relaxed);
+                    id.push_str(&o.id);
+                }
+                Err(_) => {
+                    k.created.fetch_add(1, Ordering::Relaxed);
+                    k.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            },
+            Ok(_) => {
+                k.errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Err(_) => {
+                k.errors.fetch_add(1, Ordering::Relaxed);
+                conn = None;
+                continue;
+            }
+        }
+        if rand::rng().random_bool(ratio) {
+            req.clear();
+            let _ = write!(req, "POST /v1/orders/{id}/pay HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\r\n");
+            match cn.call(&req).await {
+                Ok(r) if r.status == 200 => {
+                    k.paid.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {
+                    k.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    k.errors.fetch_add(1, Ordering::Relaxed);
+                    conn = None;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_heads_parse_and_wait_for_the_blank_line() {
+        let head = b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\nContent-Length: 12\r\n\r\n{\"id\":\"o-1\"}";
+        assert_eq!(parse_head(head).expect("valid"), Some((201, head.len() - 12, 12)));
+        assert_eq!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n").expect("partial"), None);
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
+        assert!(parse_head(b"SSH-2.0\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn stat_lines_give_cpu_seconds() {
+        let line = "42 (tokio-runtime-w) S 1 2 3 4 5 6 7 8 9 10 150 50 0 0 20 0 4 0 100 0 0";
+        let (comm, secs) = parse_stat(line).expect("parses");
+        assert_eq!(comm, "tokio-runtime-w");
+        assert!((secs - 2.0).abs() < 1e-9, "{secs}");
+    }
 }
