@@ -5,6 +5,8 @@ mod bench;
 mod bench_orders;
 mod crash_worker;
 mod demo;
+#[cfg(feature = "postgres")]
+mod node_worker;
 mod serve;
 mod util;
 
@@ -38,6 +40,10 @@ enum Command {
     /// Used by the crash-safety test: schedules and fires timers until killed.
     #[command(hide = true, name = "crash-worker")]
     CrashWorker(crash_worker::CrashArgs),
+    /// Used by the many-nodes tests: one engine node on a shared store, until killed.
+    #[cfg(feature = "postgres")]
+    #[command(hide = true, name = "node-worker")]
+    NodeWorker(node_worker::NodeArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +65,8 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::CrashWorker(args) => crash_worker::run(args).await,
+            #[cfg(feature = "postgres")]
+            Command::NodeWorker(args) => node_worker::run(args).await,
         }
     });
     match result {

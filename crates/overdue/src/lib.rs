@@ -7,8 +7,9 @@
 //! | URL | store | feature |
 //! |---|---|---|
 //! | `sqlite:PATH` / `sqlite://PATH` | embedded SQLite ([`sqlite::SqliteStore`]) | `sqlite` (default) |
+//! | `postgres://…` / `postgresql://…` | PostgreSQL, shared by many nodes ([`postgres::PgStore`]) | `postgres` |
 //!
-//! Later backends (PostgreSQL, MySQL, Redis, brokers) add rows here and arms to [`open`].
+//! Later backends (MySQL, Redis, brokers) add rows here and arms to [`open`].
 
 use std::sync::Arc;
 
@@ -33,8 +34,30 @@ pub mod sqlite {
     pub use overdue_sql::sqlite::*;
 }
 
+/// The PostgreSQL store.
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use overdue_postgres::*;
+}
+
 /// The default store URL: an SQLite file under `./overdue-data/`.
 pub const DEFAULT_STORE_URL: &str = "sqlite:overdue-data/overdue.db";
+
+/// Every scheme some build of overdue understands.
+const KNOWN_SCHEMES: &[&str] =
+    &["sqlite", "postgres", "postgresql", "mysql", "redis", "redisson", "amqp", "kafka", "rocketmq"];
+
+/// The URL forms this build can open.
+pub fn built_in() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if cfg!(feature = "sqlite") {
+        v.push("sqlite:PATH");
+    }
+    if cfg!(feature = "postgres") {
+        v.push("postgres://HOST/DB");
+    }
+    v
+}
 
 /// Opens the store a URL names. Unknown or not-compiled-in schemes are a clear
 /// [`Error::Config`].
@@ -43,9 +66,13 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     match scheme {
         #[cfg(feature = "sqlite")]
         "sqlite" => Ok(Arc::new(overdue_sql::sqlite::SqliteStore::open_url(url).await?)),
-        "postgres" | "postgresql" | "mysql" | "redis" | "redisson" | "amqp" | "kafka" | "rocketmq" => {
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok(Arc::new(overdue_postgres::PgStore::open_url(url).await?)),
+        _ if KNOWN_SCHEMES.contains(&scheme) => {
             Err(Error::Config(format!(
-                "the {scheme}:// backend is not built into this version of overdue; available: sqlite:PATH"
+                "the {scheme}:// backend is not built into this version of overdue (build it with the cargo \
+                 feature of that name); built in: {}",
+                built_in().join(", ")
             )))
         }
         _ => Err(Error::Config(format!(
