@@ -715,6 +715,7 @@ impl Shared {
                 ix.covered_until = ix.covered_until.max(target);
             }
             let refs = self.store.due_refs(cursor.as_ref(), target, LOAD_PAGE).await;
+            self.stats.store_result(&refs);
             let refs = match refs {
                 Ok(r) => r,
                 Err(e) => {
@@ -814,9 +815,12 @@ impl Shared {
                 return;
             }
             let chunk = &refs[start..start + n];
-            let now = self.clock.now_ms();
+            let mut now = self.clock.now_ms();
+            let mut backoff = Duration::from_millis(100);
             let claimed = loop {
-                match self.store.claim(chunk, &self.node_id, now, self.lease_until(now)).await {
+                let res = self.store.claim(chunk, &self.node_id, now, self.lease_until(now)).await;
+                self.stats.store_result(&res);
+                match res {
                     Ok(c) => break c,
                     Err(e) => {
                         tracing::warn!(error = %e, "claim failed; retrying");
@@ -824,7 +828,10 @@ impl Shared {
                             self.permits.add_permits(n);
                             return;
                         }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_STORE_BACKOFF);
+                        // A fresh lease for the next attempt, measured from when it is made.
+                        now = self.clock.now_ms();
                     }
                 }
             };
@@ -864,6 +871,7 @@ impl Shared {
         }
         let now = self.clock.now_ms();
         let res = self.store.claim_due(now, due_before.min(now), n as u32, &self.node_id, self.lease_until(now)).await;
+        self.stats.store_result(&res);
         let claimed = match res {
             Ok(c) => c,
             Err(e) => {
@@ -1043,7 +1051,9 @@ async fn settler(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<SettlerMsg
         let mut backoff = Duration::from_millis(50);
         let mut written = false;
         loop {
-            match shared.store.settle(batch.clone(), shared.clock.now_ms()).await {
+            let res = shared.store.settle(batch.clone(), shared.clock.now_ms()).await;
+            shared.stats.store_result(&res);
+            match res {
                 Ok(()) => {
                     written = true;
                     break;

@@ -45,6 +45,13 @@ pub struct EngineStats {
     pub trigger_healthy: bool,
     /// Why the external trigger is unhealthy, if it is.
     pub trigger_error: Option<String>,
+    /// Store calls of the engine (loads, claims, scans, settlements) that failed since start.
+    pub store_errors: u64,
+    /// False from a failed store call until the next one succeeds: the database is unreachable
+    /// or refusing work. The engine keeps retrying with backoff meanwhile; nothing is dropped.
+    pub store_healthy: bool,
+    /// The last store error while unhealthy.
+    pub store_error: Option<String>,
     pub lateness: LatenessSummary,
 }
 
@@ -100,6 +107,9 @@ pub(crate) struct Stats {
     pub(crate) in_flight: AtomicU64,
     pub(crate) resident: AtomicU64,
     pub(crate) published: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+    /// `Some(message)` from a failed store call until the next success.
+    store_error: Mutex<Option<String>>,
     lateness: Mutex<Histogram<u64>>,
 }
 
@@ -122,6 +132,8 @@ impl Stats {
             in_flight: AtomicU64::new(0),
             resident: AtomicU64::new(0),
             published: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
+            store_error: Mutex::new(None),
             lateness: Mutex::new(hist),
         }
     }
@@ -135,6 +147,27 @@ impl Stats {
         metrics::histogram!("overdue_fire_lateness_seconds", "queue" => label).record(ms as f64 / 1000.0);
     }
 
+    /// Notes the result of a store call: errors are counted and make the store unhealthy until
+    /// the next success.
+    pub(crate) fn store_result<T>(&self, r: &overdue_core::Result<T>) {
+        match r {
+            Ok(_) => {
+                let mut cur = self.store_error.lock();
+                if cur.is_some() {
+                    *cur = None;
+                    metrics::gauge!("overdue_store_healthy").set(1.0);
+                    tracing::info!("the store answers again");
+                }
+            }
+            Err(e) => {
+                self.store_errors.fetch_add(1, Relaxed);
+                metrics::counter!("overdue_store_errors_total").increment(1);
+                metrics::gauge!("overdue_store_healthy").set(0.0);
+                *self.store_error.lock() = Some(e.to_string());
+            }
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> EngineStats {
         let h = self.lateness.lock();
         let lateness = LatenessSummary {
@@ -146,6 +179,7 @@ impl Stats {
             mean_ms: h.mean(),
         };
         drop(h);
+        let store_error = self.store_error.lock().clone();
         EngineStats {
             scheduled: self.scheduled.load(Relaxed),
             cancelled: self.cancelled.load(Relaxed),
@@ -164,6 +198,9 @@ impl Stats {
             trigger: String::new(),
             trigger_healthy: true,
             trigger_error: None,
+            store_errors: self.store_errors.load(Relaxed),
+            store_healthy: store_error.is_none(),
+            store_error,
             lateness,
         }
     }

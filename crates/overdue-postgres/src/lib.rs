@@ -68,8 +68,9 @@ pub const DEFAULT_PARTITION_LEASE: Duration = Duration::from_secs(10);
 pub const MIN_PARTITION_LEASE: Duration = Duration::from_millis(300);
 /// How long opening waits for a connection before failing.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a call waits for a free pooled connection before failing (transiently).
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call waits for a pooled connection before failing (transiently). While the server
+/// is down, this is how soon callers hear of it; the engine then retries with backoff.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How to open a [`PgStore`]; [`PgOptions::from_url`] reads these from the URL.
 #[derive(Clone, Debug)]

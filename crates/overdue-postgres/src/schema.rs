@@ -18,7 +18,7 @@ use sqlx::{PgPool, Row};
 use crate::{PARTITIONS, pg_err};
 
 /// Advisory-lock key held while migrating ("overdue" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6f76_6572_6475_65;
+const MIGRATION_LOCK: i64 = 0x006f_7665_7264_7565;
 
 /// One versioned step.
 struct Migration {
