@@ -1,0 +1,266 @@
+//! Partition leases: how several nodes on one database split the work of *waking up* timers.
+//!
+//! The protocol is the PostgreSQL store's, statement for statement where MySQL allows it.
+//!
+//! ## The design
+//!
+//! Every timer belongs to one of [`PARTITIONS`] partitions, by a stable hash of its identity
+//! ([`partition_of`], the same function as the PostgreSQL store's), stored in its row. Each node
+//! keeps a row in `overdue_nodes` fresh (its heartbeat) and holds leases on partitions in
+//! `overdue_partitions`. Every [`Ownership::heartbeat`] interval (a third of the lease) a node:
+//!
+//! 1. renews its heartbeat and counts the live nodes (heartbeat within the lease),
+//! 2. renews the leases of the partitions it owns, then reads which those are (MariaDB has no
+//!    `UPDATE … RETURNING`),
+//! 3. takes free or expired partitions until it holds its share, `ceil(PARTITIONS / live
+//!    nodes)`: in one transaction, `SELECT … FOR UPDATE SKIP LOCKED` then `UPDATE` of exactly
+//!    the rows selected, so two nodes never take the same one in one round,
+//! 4. gives back partitions above its share, so a node that joins gets work within a round.
+//!
+//! A node's in-memory trigger (wheel or heap) loads only the timers of the partitions it owns
+//! ([`crate::MysqlStore`]'s `due_refs`), so memory is split too. When the set changes, the
+//! store's `ownership_epoch` changes and the engine reloads its window: a node that takes over
+//! a dead node's partitions loads their timers at once.
+//!
+//! ## Why this is safe
+//!
+//! Partitions only decide who *looks*. Who *runs* a timer is still decided by the row claim
+//! (generation, `due_at <= now`, lease free, under the row lock), so two nodes that briefly
+//! both believe they own a partition cost a failed claim, never a double run. The scan trigger
+//! and the backstop sweep claim due rows from *every* partition (`FOR UPDATE SKIP LOCKED`), so
+//! a partition that nobody owns for a while is still fired, by the backstop, within its slack.
+//!
+//! Lease times come from the database clock (`NOW(3)` in a UTC session), so nodes need not
+//! agree on the time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use sqlx::{MySqlPool, Row};
+
+use crate::my_err;
+
+/// Number of partitions. Fixed at database creation (recorded in `overdue_meta`); 64 lets up
+/// to 64 nodes share the work, at one tiny row each.
+pub const PARTITIONS: i32 = 64;
+
+/// The database clock in milliseconds since the Unix epoch, as SQL (sessions run in UTC, so
+/// `UNIX_TIMESTAMP` of a local time is unambiguous).
+pub(crate) const DB_NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
+
+/// The partition of a timer identity: FNV-1a (64-bit) over the queue, a 0xff separator (a byte
+/// no UTF-8 text contains) and the key, modulo [`PARTITIONS`]. Stable across versions and
+/// platforms: it is stored in each row. Identical to `overdue_postgres::partition_of`.
+pub fn partition_of(queue: &str, key: &str) -> i32 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET;
+    for b in queue.as_bytes().iter().chain(std::iter::once(&0xff)).chain(key.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(PRIME);
+    }
+    (h % PARTITIONS as u64) as i32
+}
+
+/// `?, ?, …` with `n` placeholders.
+pub(crate) fn placeholders(n: usize) -> String {
+    let mut s = String::with_capacity(n * 3);
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('?');
+    }
+    s
+}
+
+/// This node's share of the partitions.
+#[derive(Debug)]
+pub(crate) struct Ownership {
+    pub(crate) node: String,
+    /// How long a partition lease (and a node's heartbeat) lasts.
+    pub(crate) lease: Duration,
+    /// Sorted partition numbers this node owns.
+    owned: RwLock<Arc<Vec<i32>>>,
+    epoch: AtomicU64,
+    /// Live nodes counted at the last heartbeat.
+    live_nodes: AtomicU64,
+}
+
+type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+impl Ownership {
+    pub(crate) fn new(node: String, lease: Duration) -> Self {
+        Ownership {
+            node,
+            lease,
+            owned: RwLock::new(Arc::new(Vec::new())),
+            epoch: AtomicU64::new(0),
+            live_nodes: AtomicU64::new(0),
+        }
+    }
+
+    /// Period between heartbeats: a third of the lease, so two can fail before it lapses.
+    pub(crate) fn heartbeat(&self) -> Duration {
+        self.lease / 3
+    }
+
+    pub(crate) fn owned(&self) -> Arc<Vec<i32>> {
+        self.owned.read().clone()
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn live_nodes(&self) -> u64 {
+        self.live_nodes.load(Ordering::Relaxed)
+    }
+
+    /// One round of the protocol in the module docs. Returns the partitions owned afterwards.
+    pub(crate) fn rebalance<'a>(&'a self, pool: &'a MySqlPool) -> BoxFut<'a, overdue_core::Result<Arc<Vec<i32>>>> {
+        Box::pin(async move {
+            let owned = self.round(pool).await.map_err(my_err)?;
+            Ok(self.publish(owned))
+        })
+    }
+
+    async fn round(&self, pool: &MySqlPool) -> Result<Vec<i32>, sqlx::Error> {
+        let lease_ms = self.lease.as_millis() as i64;
+        sqlx::query(&format!(
+            "INSERT INTO overdue_nodes (node, heartbeat_at, started_at) VALUES (?, {DB_NOW_MS}, {DB_NOW_MS}) \
+             ON DUPLICATE KEY UPDATE heartbeat_at = VALUES(heartbeat_at)"
+        ))
+        .bind(&self.node)
+        .execute(pool)
+        .await?;
+        let live: i64 =
+            sqlx::query(&format!("SELECT COUNT(*) FROM overdue_nodes WHERE heartbeat_at > {DB_NOW_MS} - ?"))
+                .bind(lease_ms)
+                .fetch_one(pool)
+                .await?
+                .try_get(0)?;
+        let live = live.max(1);
+        self.live_nodes.store(live as u64, Ordering::Relaxed);
+        let share = (i64::from(PARTITIONS) + live - 1) / live;
+
+        // Renew, then read back what is still ours (no UPDATE … RETURNING on MariaDB).
+        sqlx::query(&format!("UPDATE overdue_partitions SET lease_until = {DB_NOW_MS} + ? WHERE owner = ?"))
+            .bind(lease_ms)
+            .bind(&self.node)
+            .execute(pool)
+            .await?;
+        let mut owned: Vec<i32> = sqlx::query_scalar("SELECT part FROM overdue_partitions WHERE owner = ?")
+            .bind(&self.node)
+            .fetch_all(pool)
+            .await?;
+
+        let held = owned.len() as i64;
+        if held < share {
+            let mut tx = pool.begin().await?;
+            let free: Vec<i32> = sqlx::query_scalar(&format!(
+                "SELECT part FROM overdue_partitions WHERE owner IS NULL OR lease_until <= {DB_NOW_MS} \
+                 ORDER BY part LIMIT ? FOR UPDATE SKIP LOCKED"
+            ))
+            .bind(share - held)
+            .fetch_all(&mut *tx)
+            .await?;
+            if !free.is_empty() {
+                let sql = format!(
+                    "UPDATE overdue_partitions SET owner = ?, lease_until = {DB_NOW_MS} + ? WHERE part IN ({})",
+                    placeholders(free.len())
+                );
+                let mut q = sqlx::query(&sql).bind(&self.node).bind(lease_ms);
+                for p in &free {
+                    q = q.bind(*p);
+                }
+                q.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            owned.extend(free);
+        } else if held > share {
+            owned.sort_unstable();
+            let give: Vec<i32> = owned.split_off(share as usize);
+            let sql = format!(
+                "UPDATE overdue_partitions SET owner = NULL, lease_until = 0 WHERE owner = ? AND part IN ({})",
+                placeholders(give.len())
+            );
+            let mut q = sqlx::query(&sql).bind(&self.node);
+            for p in &give {
+                q = q.bind(*p);
+            }
+            q.execute(pool).await?;
+        }
+        // Forget nodes that have been silent for a long time (their partitions expired long ago).
+        sqlx::query(&format!("DELETE FROM overdue_nodes WHERE heartbeat_at < {DB_NOW_MS} - ?"))
+            .bind(lease_ms.saturating_mul(100))
+            .execute(pool)
+            .await?;
+        owned.sort_unstable();
+        Ok(owned)
+    }
+
+    /// Sets the owned set, bumping the epoch if it changed.
+    fn publish(&self, owned: Vec<i32>) -> Arc<Vec<i32>> {
+        let mut cur = self.owned.write();
+        if **cur != owned {
+            *cur = Arc::new(owned);
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            tracing::info!(node = %self.node, partitions = cur.len(), "partition ownership changed");
+        }
+        cur.clone()
+    }
+
+    /// Gives every partition back (graceful close), so other nodes take them at their next round.
+    pub(crate) fn release_all<'a>(&'a self, pool: &'a MySqlPool) -> BoxFut<'a, overdue_core::Result<()>> {
+        Box::pin(async move {
+            sqlx::query("UPDATE overdue_partitions SET owner = NULL, lease_until = 0 WHERE owner = ?")
+                .bind(&self.node)
+                .execute(pool)
+                .await
+                .map_err(my_err)?;
+            sqlx::query("DELETE FROM overdue_nodes WHERE node = ?")
+                .bind(&self.node)
+                .execute(pool)
+                .await
+                .map_err(my_err)?;
+            self.publish(Vec::new());
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_is_stable_and_in_range() {
+        // Pinned values: the partition is stored in rows, so the hash must never change (and
+        // must equal the PostgreSQL store's).
+        assert_eq!(partition_of("order.close", "o-1"), 53);
+        assert_eq!(partition_of("order.remind", "o-1"), 14);
+        assert_eq!(partition_of("q", "a"), 40);
+        assert_eq!(partition_of("q", ""), 25);
+        let mut seen = [0u32; PARTITIONS as usize];
+        for i in 0..64_000 {
+            let p = partition_of("order.close", &format!("o-{i}"));
+            assert!((0..PARTITIONS).contains(&p), "partition {p} out of range");
+            seen[p as usize] += 1;
+        }
+        // Roughly even: every partition within ±20 % of the mean (1,000).
+        assert!(seen.iter().all(|&n| (800..=1200).contains(&n)), "uneven partitions: {seen:?}");
+        // The separator keeps ("a", "bc") and ("ab", "c") apart.
+        let pairs = (0..200).filter(|i| partition_of(&format!("q{i}"), "xk") != partition_of(&format!("q{i}x"), "k"));
+        assert!(pairs.count() > 150);
+    }
+
+    #[test]
+    fn placeholders_are_comma_separated() {
+        assert_eq!(placeholders(0), "");
+        assert_eq!(placeholders(1), "?");
+        assert_eq!(placeholders(3), "?, ?, ?");
+    }
+}
