@@ -69,8 +69,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use overdue_core::{
-    Capabilities, Claimed, DeadLetter, DeadLetterQuery, Error, ListQuery, QueueCount, Result, Settlement, Store,
-    Timer, TimerRef, TimerSpec, TimerState,
+    Capabilities, Claimed, DeadLetter, DeadLetterQuery, Error, ListQuery, QueueCount, Result,
+    Settlement, Store, Timer, TimerRef, TimerSpec, TimerState,
 };
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPoolOptions, MySqlRow};
 use sqlx::{MySqlPool, Row};
@@ -109,7 +109,11 @@ pub struct MysqlOptions {
 
 impl Default for MysqlOptions {
     fn default() -> Self {
-        MysqlOptions { pool: DEFAULT_POOL, node: None, partition_lease: DEFAULT_PARTITION_LEASE }
+        MysqlOptions {
+            pool: DEFAULT_POOL,
+            node: None,
+            partition_lease: DEFAULT_PARTITION_LEASE,
+        }
     }
 }
 
@@ -119,7 +123,10 @@ impl MysqlOptions {
     pub fn from_url(url: &str) -> Result<(MysqlOptions, String)> {
         let bad = |m: String| Error::Config(format!("invalid mysql url: {m}"));
         let Some(after_scheme) = url.strip_prefix("mysql://") else {
-            return Err(bad(format!("{:?} does not start with mysql://", redact(url))));
+            return Err(bad(format!(
+                "{:?} does not start with mysql://",
+                redact(url)
+            )));
         };
         let mut opts = MysqlOptions::default();
         let (base, query) = match url.split_once('?') {
@@ -149,11 +156,15 @@ impl MysqlOptions {
                         .parse()
                         .ok()
                         .filter(|n| (1..=1000).contains(n))
-                        .ok_or_else(|| bad(format!("pool={v:?} must be a whole number from 1 to 1000")))?;
+                        .ok_or_else(|| {
+                            bad(format!("pool={v:?} must be a whole number from 1 to 1000"))
+                        })?;
                 }
                 "node" => {
                     if v.is_empty() || v.chars().count() > 200 || v.chars().any(char::is_control) {
-                        return Err(bad(format!("node={v:?} must be 1-200 printable characters")));
+                        return Err(bad(format!(
+                            "node={v:?} must be 1-200 printable characters"
+                        )));
                     }
                     opts.node = Some(v.to_owned());
                 }
@@ -170,7 +181,11 @@ impl MysqlOptions {
                 _ => rest.push(pair),
             }
         }
-        let driver = if rest.is_empty() { base.to_owned() } else { format!("{base}?{}", rest.join("&")) };
+        let driver = if rest.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", rest.join("&"))
+        };
         Ok((opts, driver))
     }
 }
@@ -179,25 +194,30 @@ impl MysqlOptions {
 /// connections, shutdown in progress, network read/write errors and timeouts, interrupted or
 /// killed queries and connections, read-only (a failover in progress), resource limits.
 const TRANSIENT_ERRORS: &[u16] = &[
-    1040, 1053, 1152, 1158, 1159, 1160, 1161, 1180, 1203, 1205, 1213, 1226, 1290, 1317, 1637, 1836, 1927, 2002,
-    2003, 2006, 2013, 3572, 4031,
+    1040, 1053, 1152, 1158, 1159, 1160, 1161, 1180, 1203, 1205, 1213, 1226, 1290, 1317, 1637, 1836,
+    1927, 2002, 2003, 2006, 2013, 3572, 4031,
 ];
 
 /// Whether a server error (number, SQLSTATE) may succeed on retry.
 fn transient_db(number: Option<u16>, state: &str) -> bool {
-    number.is_some_and(|n| TRANSIENT_ERRORS.contains(&n)) || state.starts_with("08") || state.starts_with("40")
+    number.is_some_and(|n| TRANSIENT_ERRORS.contains(&n))
+        || state.starts_with("08")
+        || state.starts_with("40")
 }
 
 /// Turns a driver error into a store error; connection trouble, pool exhaustion, deadlocks and
 /// lock wait timeouts are transient.
 pub(crate) fn my_err(e: sqlx::Error) -> Error {
     let (transient, message) = match &e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) => {
-            (true, e.to_string())
-        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Protocol(_) => (true, e.to_string()),
         sqlx::Error::WorkerCrashed => (true, e.to_string()),
         sqlx::Error::Database(db) => {
-            let number = db.try_downcast_ref::<MySqlDatabaseError>().map(MySqlDatabaseError::number);
+            let number = db
+                .try_downcast_ref::<MySqlDatabaseError>()
+                .map(MySqlDatabaseError::number);
             let state = db.code().map(|c| c.into_owned()).unwrap_or_default();
             let transient = transient_db(number, &state);
             let message = match number {
@@ -246,9 +266,19 @@ impl fmt::Debug for MysqlStore {
 }
 
 fn random_node() -> String {
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
-    let host = if host.is_empty() { "node".to_owned() } else { host };
-    format!("{host}-{}-{:06x}", std::process::id(), rand::random::<u32>() & 0xff_ffff)
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let host = if host.is_empty() {
+        "node".to_owned()
+    } else {
+        host
+    };
+    format!(
+        "{host}-{}-{:06x}",
+        std::process::id(),
+        rand::random::<u32>() & 0xff_ffff
+    )
 }
 
 type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -269,18 +299,25 @@ impl MysqlStore {
                 opts.partition_lease
             )));
         }
-        let connect: MySqlConnectOptions = driver_url
-            .parse()
-            .map_err(|e: sqlx::Error| Error::Config(format!("invalid mysql url {}: {e}", redact(driver_url))))?;
+        let connect: MySqlConnectOptions = driver_url.parse().map_err(|e: sqlx::Error| {
+            Error::Config(format!("invalid mysql url {}: {e}", redact(driver_url)))
+        })?;
         let connect = connect.timezone(Some("+00:00".to_owned()));
         let pool = MySqlPoolOptions::new()
             .max_connections(opts.pool)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(|conn, _meta| {
                 Box::pin(async move {
-                    sqlx::Executor::execute(&mut *conn, "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                        .await?;
-                    sqlx::Executor::execute(&mut *conn, "SET SESSION innodb_lock_wait_timeout = 10").await?;
+                    sqlx::Executor::execute(
+                        &mut *conn,
+                        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                    )
+                    .await?;
+                    sqlx::Executor::execute(
+                        &mut *conn,
+                        "SET SESSION innodb_lock_wait_timeout = 10",
+                    )
+                    .await?;
                     Ok(())
                 })
             })
@@ -289,16 +326,26 @@ impl MysqlStore {
             Ok(Ok(pool)) => pool,
             Ok(Err(e)) => {
                 let e = my_err(e);
-                return Err(Error::Config(format!("cannot connect to mysql at {}: {e}", redact(driver_url))));
+                return Err(Error::Config(format!(
+                    "cannot connect to mysql at {}: {e}",
+                    redact(driver_url)
+                )));
             }
-            Err(_) => return Err(Error::Config(format!("connecting to mysql at {} timed out", redact(driver_url)))),
+            Err(_) => {
+                return Err(Error::Config(format!(
+                    "connecting to mysql at {} timed out",
+                    redact(driver_url)
+                )));
+            }
         };
         schema::migrate(&pool).await?;
         let max_packet: i64 = sqlx::query_scalar("SELECT CAST(@@max_allowed_packet AS SIGNED)")
             .fetch_one(&pool)
             .await
             .map_err(my_err)?;
-        let max_packet = usize::try_from(max_packet).unwrap_or(usize::MAX).max(1024 * 1024);
+        let max_packet = usize::try_from(max_packet)
+            .unwrap_or(usize::MAX)
+            .max(1024 * 1024);
         let node = opts.node.clone().unwrap_or_else(random_node);
         let inner = Arc::new(Inner {
             pool,
@@ -358,7 +405,12 @@ impl MysqlStore {
 
     /// Runs one partition round now (tests and operators; it also runs on its own timer).
     pub async fn rebalance(&self) -> Result<Vec<i32>> {
-        Ok(self.inner.ownership.rebalance(&self.inner.pool).await?.to_vec())
+        Ok(self
+            .inner
+            .ownership
+            .rebalance(&self.inner.pool)
+            .await?
+            .to_vec())
     }
 
     /// Gives this node's partitions back and stops its heartbeat, so the other nodes take them
@@ -392,14 +444,24 @@ impl MysqlStore {
                 .await?;
             if done.rows_affected() != 1 {
                 // Without the row LAST_INSERT_ID() would repeat an old value: never hand it out.
-                return Err(sqlx::Error::Protocol("the generation row in overdue_meta is missing".into()));
+                return Err(sqlx::Error::Protocol(
+                    "the generation row in overdue_meta is missing".into(),
+                ));
             }
-            let last: i64 = sqlx::query_scalar("SELECT CAST(LAST_INSERT_ID() AS SIGNED)").fetch_one(&mut *conn).await?;
+            let last: i64 = sqlx::query_scalar("SELECT CAST(LAST_INSERT_ID() AS SIGNED)")
+                .fetch_one(&mut *conn)
+                .await?;
             Ok(last - n + 1)
         })
     }
 
-    fn chunks<'a, T>(&self, items: &'a [T], per_row: usize, fixed: usize, bytes: impl Fn(&T) -> usize) -> Vec<&'a [T]> {
+    fn chunks<'a, T>(
+        &self,
+        items: &'a [T],
+        per_row: usize,
+        fixed: usize,
+        bytes: impl Fn(&T) -> usize,
+    ) -> Vec<&'a [T]> {
         chunks(items, per_row, fixed, self.inner.statement_budget, bytes)
     }
 
@@ -423,7 +485,13 @@ impl MysqlStore {
 /// Splits `items` into runs that fit one statement: at most [`MAX_PLACEHOLDERS`] (with `fixed`
 /// placeholders besides `per_row` for each item) and about `budget` bytes of bound values each.
 /// An item bigger than the budget goes alone.
-fn chunks<T>(items: &[T], per_row: usize, fixed: usize, budget: usize, bytes: impl Fn(&T) -> usize) -> Vec<&[T]> {
+fn chunks<T>(
+    items: &[T],
+    per_row: usize,
+    fixed: usize,
+    budget: usize,
+    bytes: impl Fn(&T) -> usize,
+) -> Vec<&[T]> {
     let max_rows = ((MAX_PLACEHOLDERS - fixed) / per_row).max(1);
     let mut out = Vec::new();
     let mut start = 0;
@@ -470,14 +538,18 @@ fn text(r: &MySqlRow, i: usize) -> std::result::Result<String, sqlx::Error> {
 
 fn opt_text(r: &MySqlRow, i: usize) -> std::result::Result<Option<String>, sqlx::Error> {
     let b: Option<Vec<u8>> = r.try_get(i)?;
-    b.map(|b| String::from_utf8(b).map_err(|e| sqlx::Error::Decode(Box::new(e)))).transpose()
+    b.map(|b| String::from_utf8(b).map_err(|e| sqlx::Error::Decode(Box::new(e))))
+        .transpose()
 }
 
 fn timer_from_row(r: &MySqlRow, now: i64) -> std::result::Result<Timer, sqlx::Error> {
     let lease_owner = opt_text(r, 7)?;
     let lease_until: Option<i64> = r.try_get(8)?;
     let state = match (lease_owner, lease_until) {
-        (Some(owner), Some(until)) if until > now => TimerState::InFlight { owner, lease_until: until },
+        (Some(owner), Some(until)) if until > now => TimerState::InFlight {
+            owner,
+            lease_until: until,
+        },
         _ => TimerState::Pending,
     };
     Ok(Timer {
@@ -509,11 +581,22 @@ fn claimed_from_row(r: &MySqlRow) -> std::result::Result<Claimed, sqlx::Error> {
 }
 
 fn ref_from_row(r: &MySqlRow) -> std::result::Result<TimerRef, sqlx::Error> {
-    Ok(TimerRef { queue: text(r, 0)?, key: text(r, 1)?, generation: r.try_get::<i64, _>(2)? as u64, due_at: r.try_get(3)? })
+    Ok(TimerRef {
+        queue: text(r, 0)?,
+        key: text(r, 1)?,
+        generation: r.try_get::<i64, _>(2)? as u64,
+        due_at: r.try_get(3)?,
+    })
 }
 
-fn rows<T>(rows: Vec<MySqlRow>, f: impl Fn(&MySqlRow) -> std::result::Result<T, sqlx::Error>) -> Result<Vec<T>> {
-    rows.iter().map(f).collect::<std::result::Result<_, _>>().map_err(my_err)
+fn rows<T>(
+    rows: Vec<MySqlRow>,
+    f: impl Fn(&MySqlRow) -> std::result::Result<T, sqlx::Error>,
+) -> Result<Vec<T>> {
+    rows.iter()
+        .map(f)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(my_err)
 }
 
 /// `(?, ?, ?), (?, ?, ?), …`: `rows` row values of `width` placeholders.
@@ -534,7 +617,13 @@ fn row_values(rows: usize, width: usize) -> String {
 fn derived_rows(rows: usize, ints: &[&str]) -> String {
     let mut s = String::from("(");
     for i in 0..rows {
-        let alias = |name: &str| if i == 0 { format!(" AS {name}") } else { String::new() };
+        let alias = |name: &str| {
+            if i == 0 {
+                format!(" AS {name}")
+            } else {
+                String::new()
+            }
+        };
         if i > 0 {
             s.push_str(" UNION ALL ");
         }
@@ -619,7 +708,10 @@ impl MysqlStore {
                 tx.rollback().await?;
                 return Ok(found);
             }
-            let claims = found.iter().map(claimed_from_row).collect::<std::result::Result<Vec<_>, _>>()?;
+            let claims = found
+                .iter()
+                .map(claimed_from_row)
+                .collect::<std::result::Result<Vec<_>, _>>()?;
             lease_rows(&mut tx, self, &claims, owner, lease_until).await?;
             tx.commit().await?;
             Ok(found)
@@ -650,7 +742,10 @@ impl MysqlStore {
                 tx.rollback().await?;
                 return Ok(Vec::new());
             }
-            let claims = found.iter().map(claimed_from_row).collect::<std::result::Result<Vec<_>, _>>()?;
+            let claims = found
+                .iter()
+                .map(claimed_from_row)
+                .collect::<std::result::Result<Vec<_>, _>>()?;
             lease_rows(&mut tx, self, &claims, owner, lease_until).await?;
             tx.commit().await?;
             Ok(claims)
@@ -665,8 +760,14 @@ impl MysqlStore {
     ) -> BoxFut<'a, std::result::Result<(), sqlx::Error>> {
         Box::pin(async move {
             let indexed: Vec<(usize, &TimerSpec)> = timers.iter().enumerate().collect();
-            let chunks = self.chunks(&indexed, 8, 0, |(_, t)| t.queue.len() + t.key.len() + t.payload.len());
-            let mut tx = if chunks.len() > 1 { Some(self.inner.pool.begin().await?) } else { None };
+            let chunks = self.chunks(&indexed, 8, 0, |(_, t)| {
+                t.queue.len() + t.key.len() + t.payload.len()
+            });
+            let mut tx = if chunks.len() > 1 {
+                Some(self.inner.pool.begin().await?)
+            } else {
+                None
+            };
             for chunk in chunks {
                 let sql = format!(
                     "INSERT INTO timers (queue, `key`, part, due_at, payload, generation, attempts, last_error, \
@@ -703,7 +804,11 @@ impl MysqlStore {
         })
     }
 
-    fn settle_tx<'a>(&'a self, batch: &'a [Settlement], now: i64) -> BoxFut<'a, std::result::Result<(), sqlx::Error>> {
+    fn settle_tx<'a>(
+        &'a self,
+        batch: &'a [Settlement],
+        now: i64,
+    ) -> BoxFut<'a, std::result::Result<(), sqlx::Error>> {
         Box::pin(async move {
             let mut done = Vec::new();
             let mut release = Vec::new();
@@ -727,7 +832,9 @@ impl MysqlStore {
             let settlement_bytes = |s: &&Settlement| {
                 let t = s.timer();
                 let e = match s {
-                    Settlement::Retry { error, .. } | Settlement::DeadLetter { error, .. } => error.len(),
+                    Settlement::Retry { error, .. } | Settlement::DeadLetter { error, .. } => {
+                        error.len()
+                    }
                     _ => 0,
                 };
                 t.queue.len() + t.key.len() + e
@@ -737,7 +844,9 @@ impl MysqlStore {
                 // Lock the rows first: the INSERT … SELECT below reads without locks at READ
                 // COMMITTED, and the copy must be of exactly the rows the DELETE removes.
                 let refs = row_values(chunk.len(), 3);
-                let mut lock = String::from("SELECT generation FROM timers WHERE (queue, `key`, generation) IN (");
+                let mut lock = String::from(
+                    "SELECT generation FROM timers WHERE (queue, `key`, generation) IN (",
+                );
                 lock.push_str(&refs);
                 lock.push_str(") FOR UPDATE");
                 let mut q = sqlx::query(&lock);
@@ -757,7 +866,13 @@ impl MysqlStore {
                 );
                 let mut q = sqlx::query(&sql);
                 for s in chunk {
-                    if let Settlement::DeadLetter { timer, attempts, error, failed_at } = s {
+                    if let Settlement::DeadLetter {
+                        timer,
+                        attempts,
+                        error,
+                        failed_at,
+                    } = s
+                    {
                         q = q
                             .bind(&timer.queue)
                             .bind(&timer.key)
@@ -768,7 +883,8 @@ impl MysqlStore {
                     }
                 }
                 q.execute(&mut *tx).await?;
-                let delete = format!("DELETE FROM timers WHERE (queue, `key`, generation) IN ({refs})");
+                let delete =
+                    format!("DELETE FROM timers WHERE (queue, `key`, generation) IN ({refs})");
                 let mut q = sqlx::query(&delete);
                 for s in chunk {
                     let t = s.timer();
@@ -808,7 +924,13 @@ impl MysqlStore {
                 );
                 let mut q = sqlx::query(&sql);
                 for s in chunk {
-                    if let Settlement::Retry { timer, due_at, attempts, error } = s {
+                    if let Settlement::Retry {
+                        timer,
+                        due_at,
+                        attempts,
+                        error,
+                    } = s
+                    {
                         q = q
                             .bind(&timer.queue)
                             .bind(&timer.key)
@@ -833,10 +955,12 @@ impl MysqlStore {
     ) -> BoxFut<'a, std::result::Result<bool, sqlx::Error>> {
         Box::pin(async move {
             let mut tx = self.inner.pool.begin().await?;
-            let Some(row) = sqlx::query("DELETE FROM dead_letters WHERE id = ? RETURNING queue, `key`, payload")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?
+            let Some(row) = sqlx::query(
+                "DELETE FROM dead_letters WHERE id = ? RETURNING queue, `key`, payload",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
             else {
                 tx.rollback().await?;
                 return Ok(false);
@@ -871,7 +995,11 @@ impl MysqlStore {
 #[async_trait]
 impl Store for MysqlStore {
     fn capabilities(&self) -> Capabilities {
-        Capabilities { name: BACKEND, durable: true, shared: true }
+        Capabilities {
+            name: BACKEND,
+            durable: true,
+            shared: true,
+        }
     }
 
     async fn schedule(&self, timers: Vec<TimerSpec>, now: i64) -> Result<Vec<u64>> {
@@ -885,21 +1013,32 @@ impl Store for MysqlStore {
         let first = self.track(r)?;
         let r = self.schedule_tx(&timers, first, now).await.map_err(my_err);
         self.track(r)?;
-        Ok((0..timers.len()).map(|i| (first + i as i64) as u64).collect())
+        Ok((0..timers.len())
+            .map(|i| (first + i as i64) as u64)
+            .collect())
     }
 
     async fn cancel(&self, queue: &str, key: &str) -> Result<Option<u64>> {
-        let r = sqlx::query("DELETE FROM timers WHERE queue = ? AND `key` = ? RETURNING generation")
-            .bind(queue)
-            .bind(key)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(my_err);
+        let r =
+            sqlx::query("DELETE FROM timers WHERE queue = ? AND `key` = ? RETURNING generation")
+                .bind(queue)
+                .bind(key)
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(my_err);
         let row = self.track(r)?;
-        row.map(|r| r.try_get::<i64, _>(0).map(|g| g as u64)).transpose().map_err(my_err)
+        row.map(|r| r.try_get::<i64, _>(0).map(|g| g as u64))
+            .transpose()
+            .map_err(my_err)
     }
 
-    async fn reschedule(&self, queue: &str, key: &str, due_at: i64, now: i64) -> Result<Option<u64>> {
+    async fn reschedule(
+        &self,
+        queue: &str,
+        key: &str,
+        due_at: i64,
+        now: i64,
+    ) -> Result<Option<u64>> {
         let r = self.reserve(1).await.map_err(my_err);
         let g = self.track(r)?;
         let r = sqlx::query(
@@ -919,14 +1058,18 @@ impl Store for MysqlStore {
     }
 
     async fn get(&self, queue: &str, key: &str, now: i64) -> Result<Option<Timer>> {
-        let r = sqlx::query(&format!("SELECT {TIMER_COLUMNS} FROM timers WHERE queue = ? AND `key` = ?"))
-            .bind(queue)
-            .bind(key)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(my_err);
+        let r = sqlx::query(&format!(
+            "SELECT {TIMER_COLUMNS} FROM timers WHERE queue = ? AND `key` = ?"
+        ))
+        .bind(queue)
+        .bind(key)
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(my_err);
         let row = self.track(r)?;
-        row.map(|r| timer_from_row(&r, now)).transpose().map_err(my_err)
+        row.map(|r| timer_from_row(&r, now))
+            .transpose()
+            .map_err(my_err)
     }
 
     async fn list(&self, query: &ListQuery, now: i64) -> Result<Vec<Timer>> {
@@ -944,8 +1087,14 @@ impl Store for MysqlStore {
             // Expanded: MySQL does not range-scan row-value comparisons.
             conds.push("(due_at > ? OR (due_at = ? AND (queue > ? OR (queue = ? AND `key` > ?))))");
         }
-        let filter = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
-        let sql = format!("SELECT {TIMER_COLUMNS} FROM timers{filter} ORDER BY due_at, queue, `key` LIMIT ?");
+        let filter = if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {TIMER_COLUMNS} FROM timers{filter} ORDER BY due_at, queue, `key` LIMIT ?"
+        );
         let mut q = sqlx::query(&sql);
         if let Some(queue) = &query.queue {
             q = q.bind(queue);
@@ -959,7 +1108,11 @@ impl Store for MysqlStore {
         if let Some((d, qu, k)) = &query.after {
             q = q.bind(*d).bind(*d).bind(qu).bind(qu).bind(k);
         }
-        let r = q.bind(i64::from(query.effective_limit())).fetch_all(&self.inner.pool).await.map_err(my_err);
+        let r = q
+            .bind(i64::from(query.effective_limit()))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(my_err);
         let found = self.track(r)?;
         rows(found, |r| timer_from_row(r, now))
     }
@@ -981,28 +1134,44 @@ impl Store for MysqlStore {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(my_err)?;
-        let mut out: std::collections::BTreeMap<String, QueueCount> = std::collections::BTreeMap::new();
+        let mut out: std::collections::BTreeMap<String, QueueCount> =
+            std::collections::BTreeMap::new();
         for r in &timers {
             let queue = text(r, 0).map_err(my_err)?;
-            let c = out.entry(queue.clone()).or_insert_with(|| QueueCount { queue, ..QueueCount::default() });
+            let c = out.entry(queue.clone()).or_insert_with(|| QueueCount {
+                queue,
+                ..QueueCount::default()
+            });
             c.pending = r.try_get::<i64, _>(1).map_err(my_err)? as u64;
             c.in_flight = r.try_get::<i64, _>(2).map_err(my_err)? as u64;
         }
         for r in &dead {
             let queue = text(r, 0).map_err(my_err)?;
-            let c = out.entry(queue.clone()).or_insert_with(|| QueueCount { queue, ..QueueCount::default() });
+            let c = out.entry(queue.clone()).or_insert_with(|| QueueCount {
+                queue,
+                ..QueueCount::default()
+            });
             c.dead = r.try_get::<i64, _>(1).map_err(my_err)? as u64;
         }
         Ok(out.into_values().collect())
     }
 
-    async fn due_refs(&self, after: Option<&(i64, String, String)>, until: i64, limit: u32) -> Result<Vec<TimerRef>> {
+    async fn due_refs(
+        &self,
+        after: Option<&(i64, String, String)>,
+        until: i64,
+        limit: u32,
+    ) -> Result<Vec<TimerRef>> {
         let owned = self.inner.ownership.owned();
         if owned.is_empty() {
             return Ok(Vec::new());
         }
         let all = owned.len() == PARTITIONS as usize;
-        let part_filter = if all { String::new() } else { format!(" AND part IN ({})", placeholders(owned.len())) };
+        let part_filter = if all {
+            String::new()
+        } else {
+            format!(" AND part IN ({})", placeholders(owned.len()))
+        };
         let cursor = if after.is_some() {
             "(due_at > ? OR (due_at = ? AND (queue > ? OR (queue = ? AND `key` > ?)))) AND "
         } else {
@@ -1022,24 +1191,45 @@ impl Store for MysqlStore {
                 q = q.bind(*p);
             }
         }
-        let r = q.bind(i64::from(limit)).fetch_all(&self.inner.pool).await.map_err(my_err);
+        let r = q
+            .bind(i64::from(limit))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(my_err);
         let found = self.track(r)?;
         rows(found, ref_from_row)
     }
 
-    async fn claim(&self, timers: &[TimerRef], owner: &str, now: i64, lease_until: i64) -> Result<Vec<Claimed>> {
+    async fn claim(
+        &self,
+        timers: &[TimerRef],
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Vec<Claimed>> {
         if timers.is_empty() {
             return Ok(Vec::new());
         }
         let sorted = by_identity(timers.iter());
-        let r = self.claim_tx(sorted, owner, now, lease_until).await.map_err(my_err);
+        let r = self
+            .claim_tx(sorted, owner, now, lease_until)
+            .await
+            .map_err(my_err);
         let found = rows(self.track(r)?, claimed_from_row)?;
         // Hand the claims back in input order.
-        let index: HashMap<(&str, &str), usize> =
-            timers.iter().enumerate().map(|(i, t)| ((t.queue.as_str(), t.key.as_str()), i)).collect();
+        let index: HashMap<(&str, &str), usize> = timers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ((t.queue.as_str(), t.key.as_str()), i))
+            .collect();
         let mut out: Vec<(usize, Claimed)> = found
             .into_iter()
-            .filter_map(|c| index.get(&(c.timer.queue.as_str(), c.timer.key.as_str())).copied().map(|i| (i, c)))
+            .filter_map(|c| {
+                index
+                    .get(&(c.timer.queue.as_str(), c.timer.key.as_str()))
+                    .copied()
+                    .map(|i| (i, c))
+            })
             .collect();
         out.sort_unstable_by_key(|(i, _)| *i);
         Ok(out.into_iter().map(|(_, c)| c).collect())
@@ -1056,10 +1246,17 @@ impl Store for MysqlStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let r = self.claim_due_tx(now, due_before, limit, owner, lease_until).await.map_err(my_err);
+        let r = self
+            .claim_due_tx(now, due_before, limit, owner, lease_until)
+            .await
+            .map_err(my_err);
         let mut found = self.track(r)?;
         found.sort_unstable_by(|a, b| {
-            (a.timer.due_at, &a.timer.queue, &a.timer.key).cmp(&(b.timer.due_at, &b.timer.queue, &b.timer.key))
+            (a.timer.due_at, &a.timer.queue, &a.timer.key).cmp(&(
+                b.timer.due_at,
+                &b.timer.queue,
+                &b.timer.key,
+            ))
         });
         Ok(found)
     }
@@ -1140,7 +1337,10 @@ mod tests {
         assert_eq!(o.partition_lease, Duration::from_millis(900));
         assert_eq!(d, "mysql://u:p@127.0.0.1:3306/test?ssl-mode=disabled");
         let (o, d) = MysqlOptions::from_url("mysql://127.0.0.1/test").expect("valid");
-        assert_eq!((o.pool, o.node, d.as_str()), (DEFAULT_POOL, None, "mysql://127.0.0.1/test"));
+        assert_eq!(
+            (o.pool, o.node, d.as_str()),
+            (DEFAULT_POOL, None, "mysql://127.0.0.1/test")
+        );
         assert_eq!(o.partition_lease, DEFAULT_PARTITION_LEASE);
     }
 
@@ -1159,15 +1359,24 @@ mod tests {
             ("mysql://h/db?node=", "node"),
         ] {
             let e = MysqlOptions::from_url(url).expect_err(url).to_string();
-            assert!(e.contains(needle) && e.starts_with("invalid configuration: invalid mysql url"), "{url}: {e}");
+            assert!(
+                e.contains(needle) && e.starts_with("invalid configuration: invalid mysql url"),
+                "{url}: {e}"
+            );
             assert!(!e.contains("secret"), "{url}: password leaked: {e}");
         }
     }
 
     #[test]
     fn passwords_are_redacted_in_messages() {
-        assert_eq!(redact("mysql://u:secret@h:3306/db"), "mysql://u:***@h:3306/db");
-        assert_eq!(redact("mysql://u:secret@h:3306/db?node=a@b"), "mysql://u:***@h:3306/db?node=a@b");
+        assert_eq!(
+            redact("mysql://u:secret@h:3306/db"),
+            "mysql://u:***@h:3306/db"
+        );
+        assert_eq!(
+            redact("mysql://u:secret@h:3306/db?node=a@b"),
+            "mysql://u:***@h:3306/db?node=a@b"
+        );
         assert_eq!(redact("mysql://u@h/db"), "mysql://u@h/db");
         assert_eq!(redact("mysql://h/db"), "mysql://h/db");
     }
@@ -1175,16 +1384,26 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_server_is_a_config_error_without_the_password() {
         // Port 9 (discard) on loopback: nothing listens there.
-        let e = MysqlStore::open_url("mysql://u:secret@127.0.0.1:9/db").await.expect_err("nothing listens");
+        let e = MysqlStore::open_url("mysql://u:secret@127.0.0.1:9/db")
+            .await
+            .expect_err("nothing listens");
         let s = e.to_string();
         assert!(matches!(e, Error::Config(_)), "{s}");
-        assert!(s.contains("mysql at mysql://u:***@127.0.0.1:9/db") && !s.contains("secret"), "{s}");
+        assert!(
+            s.contains("mysql at mysql://u:***@127.0.0.1:9/db") && !s.contains("secret"),
+            "{s}"
+        );
     }
 
     #[test]
     fn errors_map_to_transient_or_not() {
         assert!(my_err(sqlx::Error::PoolTimedOut).is_transient());
-        assert!(my_err(sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset))).is_transient());
+        assert!(
+            my_err(sqlx::Error::Io(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset
+            )))
+            .is_transient()
+        );
         assert!(!my_err(sqlx::Error::RowNotFound).is_transient());
         for n in [1205, 1213, 1040, 1927, 2013] {
             assert!(transient_db(Some(n), "HY000"), "{n}");
@@ -1199,9 +1418,15 @@ mod tests {
     fn chunks_by_rows_placeholders_and_bytes() {
         let items: Vec<usize> = (0..30_000).collect();
         let by_placeholders = chunks(&items, 3, 2, usize::MAX, |_| 0);
-        assert_eq!(by_placeholders.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![21_844, 8_156]);
+        assert_eq!(
+            by_placeholders.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            vec![21_844, 8_156]
+        );
         let by_bytes = chunks(&items[..10], 1, 0, 100, |_| 34);
-        assert_eq!(by_bytes.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![2, 2, 2, 2, 2]);
+        assert_eq!(
+            by_bytes.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            vec![2, 2, 2, 2, 2]
+        );
         let huge = chunks(&items[..3], 1, 0, 10, |_| 1000);
         assert_eq!(huge.len(), 3, "an item over the budget goes alone");
         assert!(chunks(&items[..0], 1, 0, 10, |_| 1).is_empty());
@@ -1209,6 +1434,11 @@ mod tests {
         assert_eq!(rows, "(?, ?, ?), (?, ?, ?)");
         let d = derived_rows(2, &["a"]);
         assert_eq!(d.matches('?').count(), 2 * 5);
-        assert!(d.contains(" AS q") && d.contains(" AS a") && d.contains(" AS e") && d.contains("UNION ALL"));
+        assert!(
+            d.contains(" AS q")
+                && d.contains(" AS a")
+                && d.contains(" AS e")
+                && d.contains("UNION ALL")
+        );
     }
 }

@@ -57,7 +57,12 @@ pub fn partition_of(queue: &str, key: &str) -> i32 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut h = OFFSET;
-    for b in queue.as_bytes().iter().chain(std::iter::once(&0xff)).chain(key.as_bytes()) {
+    for b in queue
+        .as_bytes()
+        .iter()
+        .chain(std::iter::once(&0xff))
+        .chain(key.as_bytes())
+    {
         h ^= u64::from(*b);
         h = h.wrapping_mul(PRIME);
     }
@@ -120,7 +125,10 @@ impl Ownership {
     }
 
     /// One round of the protocol in the module docs. Returns the partitions owned afterwards.
-    pub(crate) fn rebalance<'a>(&'a self, pool: &'a MySqlPool) -> BoxFut<'a, overdue_core::Result<Arc<Vec<i32>>>> {
+    pub(crate) fn rebalance<'a>(
+        &'a self,
+        pool: &'a MySqlPool,
+    ) -> BoxFut<'a, overdue_core::Result<Arc<Vec<i32>>>> {
         Box::pin(async move {
             let owned = self.round(pool).await.map_err(my_err)?;
             Ok(self.publish(owned))
@@ -136,26 +144,30 @@ impl Ownership {
         .bind(&self.node)
         .execute(pool)
         .await?;
-        let live: i64 =
-            sqlx::query(&format!("SELECT COUNT(*) FROM overdue_nodes WHERE heartbeat_at > {DB_NOW_MS} - ?"))
-                .bind(lease_ms)
-                .fetch_one(pool)
-                .await?
-                .try_get(0)?;
+        let live: i64 = sqlx::query(&format!(
+            "SELECT COUNT(*) FROM overdue_nodes WHERE heartbeat_at > {DB_NOW_MS} - ?"
+        ))
+        .bind(lease_ms)
+        .fetch_one(pool)
+        .await?
+        .try_get(0)?;
         let live = live.max(1);
         self.live_nodes.store(live as u64, Ordering::Relaxed);
         let share = (i64::from(PARTITIONS) + live - 1) / live;
 
         // Renew, then read back what is still ours (no UPDATE … RETURNING on MariaDB).
-        sqlx::query(&format!("UPDATE overdue_partitions SET lease_until = {DB_NOW_MS} + ? WHERE owner = ?"))
-            .bind(lease_ms)
-            .bind(&self.node)
-            .execute(pool)
-            .await?;
-        let mut owned: Vec<i32> = sqlx::query_scalar("SELECT part FROM overdue_partitions WHERE owner = ?")
-            .bind(&self.node)
-            .fetch_all(pool)
-            .await?;
+        sqlx::query(&format!(
+            "UPDATE overdue_partitions SET lease_until = {DB_NOW_MS} + ? WHERE owner = ?"
+        ))
+        .bind(lease_ms)
+        .bind(&self.node)
+        .execute(pool)
+        .await?;
+        let mut owned: Vec<i32> =
+            sqlx::query_scalar("SELECT part FROM overdue_partitions WHERE owner = ?")
+                .bind(&self.node)
+                .fetch_all(pool)
+                .await?;
 
         let held = owned.len() as i64;
         if held < share {
@@ -194,10 +206,12 @@ impl Ownership {
             q.execute(pool).await?;
         }
         // Forget nodes that have been silent for a long time (their partitions expired long ago).
-        sqlx::query(&format!("DELETE FROM overdue_nodes WHERE heartbeat_at < {DB_NOW_MS} - ?"))
-            .bind(lease_ms.saturating_mul(100))
-            .execute(pool)
-            .await?;
+        sqlx::query(&format!(
+            "DELETE FROM overdue_nodes WHERE heartbeat_at < {DB_NOW_MS} - ?"
+        ))
+        .bind(lease_ms.saturating_mul(100))
+        .execute(pool)
+        .await?;
         owned.sort_unstable();
         Ok(owned)
     }
@@ -214,13 +228,18 @@ impl Ownership {
     }
 
     /// Gives every partition back (graceful close), so other nodes take them at their next round.
-    pub(crate) fn release_all<'a>(&'a self, pool: &'a MySqlPool) -> BoxFut<'a, overdue_core::Result<()>> {
+    pub(crate) fn release_all<'a>(
+        &'a self,
+        pool: &'a MySqlPool,
+    ) -> BoxFut<'a, overdue_core::Result<()>> {
         Box::pin(async move {
-            sqlx::query("UPDATE overdue_partitions SET owner = NULL, lease_until = 0 WHERE owner = ?")
-                .bind(&self.node)
-                .execute(pool)
-                .await
-                .map_err(my_err)?;
+            sqlx::query(
+                "UPDATE overdue_partitions SET owner = NULL, lease_until = 0 WHERE owner = ?",
+            )
+            .bind(&self.node)
+            .execute(pool)
+            .await
+            .map_err(my_err)?;
             sqlx::query("DELETE FROM overdue_nodes WHERE node = ?")
                 .bind(&self.node)
                 .execute(pool)
@@ -251,9 +270,14 @@ mod tests {
             seen[p as usize] += 1;
         }
         // Roughly even: every partition within ±20 % of the mean (1,000).
-        assert!(seen.iter().all(|&n| (800..=1200).contains(&n)), "uneven partitions: {seen:?}");
+        assert!(
+            seen.iter().all(|&n| (800..=1200).contains(&n)),
+            "uneven partitions: {seen:?}"
+        );
         // The separator keeps ("a", "bc") and ("ab", "c") apart.
-        let pairs = (0..200).filter(|i| partition_of(&format!("q{i}"), "xk") != partition_of(&format!("q{i}x"), "k"));
+        let pairs = (0..200).filter(|i| {
+            partition_of(&format!("q{i}"), "xk") != partition_of(&format!("q{i}x"), "k")
+        });
         assert!(pairs.count() > 150);
     }
 

@@ -127,7 +127,10 @@ pub(crate) fn migrate(
         }
         let r = migrate_locked(&mut conn).await;
         // Released even when a step failed; a lost connection releases it by itself.
-        let released = sqlx::query("DO RELEASE_LOCK(?)").bind(MIGRATION_LOCK).execute(&mut *conn).await;
+        let released = sqlx::query("DO RELEASE_LOCK(?)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *conn)
+            .await;
         r?;
         released.map_err(my_err)?;
         Ok(())
@@ -142,12 +145,13 @@ async fn migrate_locked(conn: &mut sqlx::MySqlConnection) -> overdue_core::Resul
     .execute(&mut *conn)
     .await
     .map_err(my_err)?;
-    let current: i64 = sqlx::query("SELECT CAST(COALESCE(MAX(version), 0) AS SIGNED) FROM overdue_schema")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(my_err)?
-        .try_get(0)
-        .map_err(my_err)?;
+    let current: i64 =
+        sqlx::query("SELECT CAST(COALESCE(MAX(version), 0) AS SIGNED) FROM overdue_schema")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(my_err)?
+            .try_get(0)
+            .map_err(my_err)?;
     if current > i64::from(LATEST_VERSION) {
         return Err(overdue_core::Error::Config(format!(
             "the database schema is at version {current}, newer than this build of overdue understands \
@@ -156,7 +160,9 @@ async fn migrate_locked(conn: &mut sqlx::MySqlConnection) -> overdue_core::Resul
     }
     for m in MIGRATIONS.iter().filter(|m| i64::from(m.version) > current) {
         for sql in m.statements {
-            sqlx::Executor::execute(&mut *conn, *sql).await.map_err(my_err)?;
+            sqlx::Executor::execute(&mut *conn, *sql)
+                .await
+                .map_err(my_err)?;
         }
         sqlx::query("INSERT IGNORE INTO overdue_schema (version, name) VALUES (?, ?)")
             .bind(m.version)
@@ -183,10 +189,16 @@ async fn migrate_locked(conn: &mut sqlx::MySqlConnection) -> overdue_core::Resul
             "the database was created with {parts} partitions; this build uses {PARTITIONS}"
         )));
     }
-    let rows = (0..PARTITIONS).map(|p| format!("({p})")).collect::<Vec<_>>().join(", ");
-    sqlx::Executor::execute(&mut *conn, format!("INSERT IGNORE INTO overdue_partitions (part) VALUES {rows}").as_str())
-        .await
-        .map_err(my_err)?;
+    let rows = (0..PARTITIONS)
+        .map(|p| format!("({p})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    sqlx::Executor::execute(
+        &mut *conn,
+        format!("INSERT IGNORE INTO overdue_partitions (part) VALUES {rows}").as_str(),
+    )
+    .await
+    .map_err(my_err)?;
     Ok(())
 }
 

@@ -7,7 +7,9 @@ macro_rules! my_conformance {
     ($trigger:ident) => {
         mod $trigger {
             use overdue_engine::TriggerKind;
-            overdue_testkit::conformance_tests!(match crate::common::My::fresh(TriggerKind::Wheel).await {
+            overdue_testkit::conformance_tests!(match crate::common::My::fresh(TriggerKind::Wheel)
+                .await
+            {
                 Some(mut b) => {
                     b.trigger = super::trigger(stringify!($trigger));
                     b

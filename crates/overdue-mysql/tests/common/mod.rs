@@ -14,12 +14,16 @@ use overdue_testkit::Backend;
 
 /// The server the tests use: `OVERDUE_TEST_MYSQL`, or the MariaDB on 127.0.0.1.
 pub fn server_url() -> String {
-    std::env::var("OVERDUE_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
+    std::env::var("OVERDUE_TEST_MYSQL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
 }
 
 /// A new database name, unique per test: `ot_<ms since epoch>_<random>`.
 pub fn fresh_database() -> String {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     format!("ot_{ms}_{:08x}", rand::random::<u32>())
 }
 
@@ -49,7 +53,10 @@ pub async fn fresh_url(extra: &str) -> Option<String> {
     match sqlx::MySqlPool::connect(&base).await {
         Ok(pool) => {
             drop_old_databases(&pool).await;
-            if let Err(e) = sqlx::query(&format!("CREATE DATABASE {database}")).execute(&pool).await {
+            if let Err(e) = sqlx::query(&format!("CREATE DATABASE {database}"))
+                .execute(&pool)
+                .await
+            {
                 panic!("cannot create the test database {database} on {base}: {e}");
             }
             pool.close().await;
@@ -65,11 +72,19 @@ pub async fn fresh_url(extra: &str) -> Option<String> {
     let url = with_database(&base, &database);
     let sep = if url.contains('?') { '&' } else { '?' };
     let extra = extra.trim_start_matches('&');
-    Some(if extra.is_empty() { url } else { format!("{url}{sep}{extra}") })
+    Some(if extra.is_empty() {
+        url
+    } else {
+        format!("{url}{sep}{extra}")
+    })
 }
 
 async fn drop_old_databases(pool: &sqlx::MySqlPool) {
-    let cutoff = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0) - 3_600_000;
+    let cutoff = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+        - 3_600_000;
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT CAST(schema_name AS CHAR) FROM information_schema.schemata WHERE schema_name LIKE 'ot\\_%'",
     )
@@ -79,7 +94,9 @@ async fn drop_old_databases(pool: &sqlx::MySqlPool) {
     for name in names {
         let ms = name.split('_').nth(1).and_then(|s| s.parse::<i64>().ok());
         if ms.is_some_and(|ms| ms < cutoff) {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(pool).await;
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                .execute(pool)
+                .await;
         }
     }
 }
@@ -102,7 +119,10 @@ impl My {
         let url = fresh_url("").await?;
         let node = database_of(&url);
         let sep = if url.contains('?') { '&' } else { '?' };
-        Some(My { trigger, url: format!("{url}{sep}node={node}") })
+        Some(My {
+            trigger,
+            url: format!("{url}{sep}node={node}"),
+        })
     }
 }
 
@@ -114,6 +134,8 @@ impl Backend for My {
         self.trigger
     }
     fn open(&self) -> BoxFuture<'_, Result<Arc<dyn Store>>> {
-        Box::pin(async move { Ok(Arc::new(MysqlStore::open_url(&self.url).await?) as Arc<dyn Store>) })
+        Box::pin(
+            async move { Ok(Arc::new(MysqlStore::open_url(&self.url).await?) as Arc<dyn Store>) },
+        )
     }
 }
