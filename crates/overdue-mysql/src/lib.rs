@@ -1,6 +1,6 @@
 //! # overdue-mysql
 //!
-//! [`MysqlStore`]: timers in a MySQL-protocol database (MariaDB 10.6+, MySQL 8.0+), shared by
+//! [`MysqlStore`]: timers in a MariaDB database (10.6 or later; tested on 10.11), shared by
 //! any number of overdue nodes. Same design as the PostgreSQL store (`overdue-postgres`): the
 //! same tables and columns, the same partition hash and lease protocol, the same URL
 //! parameters (less `schema`), the same public API.
@@ -45,6 +45,12 @@
 //! | schema | `?schema=` names a schema | a schema *is* a database: the URL's path names it |
 //! | isolation | read committed (default) | `READ COMMITTED` set on every connection (InnoDB defaults to repeatable read, whose gap locks would make scans block inserts) |
 //! | payload size | 1 GB `BYTEA` | `LONGBLOB`, but one statement must fit the server's `max_allowed_packet` (MariaDB default 16 MiB): a payload that cannot is refused with a clear, non-transient error |
+//!
+//! ## MySQL 8
+//!
+//! The store speaks the MySQL protocol but relies on two MariaDB features: `DELETE … RETURNING`
+//! (cancel, replay) and the `utf8mb4_nopad_bin` collation. On MySQL 8 those would be a locking
+//! `SELECT` before the `DELETE` and `utf8mb4_0900_bin` (already no-pad); not done yet.
 //!
 //! ## URL
 //!
@@ -759,7 +765,10 @@ impl MysqlStore {
         now: i64,
     ) -> BoxFut<'a, std::result::Result<(), sqlx::Error>> {
         Box::pin(async move {
-            let indexed: Vec<(usize, &TimerSpec)> = timers.iter().enumerate().collect();
+            // Rows go in identity order (each keeps the generation of its input position), so
+            // two overlapping batches lock rows in one order and cannot deadlock each other.
+            let mut indexed: Vec<(usize, &TimerSpec)> = timers.iter().enumerate().collect();
+            indexed.sort_unstable_by(|(_, a), (_, b)| (&a.queue, &a.key).cmp(&(&b.queue, &b.key)));
             let chunks = self.chunks(&indexed, 8, 0, |(_, t)| {
                 t.queue.len() + t.key.len() + t.payload.len()
             });

@@ -7,7 +7,7 @@
 //! Every timer belongs to one of [`PARTITIONS`] partitions, by a stable hash of its identity
 //! ([`partition_of`], the same function as the PostgreSQL store's), stored in its row. Each node
 //! keeps a row in `overdue_nodes` fresh (its heartbeat) and holds leases on partitions in
-//! `overdue_partitions`. Every [`Ownership::heartbeat`] interval (a third of the lease) a node:
+//! `overdue_partitions`. Every heartbeat interval (a third of the lease) a node:
 //!
 //! 1. renews its heartbeat and counts the live nodes (heartbeat within the lease),
 //! 2. renews the leases of the partitions it owns, then reads which those are (MariaDB has no
