@@ -10,6 +10,12 @@
 //!    second after it is scheduled; the lateness of every firing is recorded.
 //! 4. **far** (with `--far N`) — N timers due a year ahead are scheduled; the process RSS is read
 //!    afterwards: far-future timers must stay in the store, not in memory.
+//!
+//! With `--nodes N` (shared stores such as PostgreSQL) every phase runs N engines in this
+//! process, each on its own connection pool and node identity, so they split the partitions and
+//! the work exactly as N `overdue serve` processes would (on the same cores). Producers are spread
+//! over the nodes; the report says how many firings each node handled. A `postgres://` URL
+//! without `schema=` gets a fresh schema `overdue_bench_<ms>` so runs never mix.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -59,6 +65,10 @@ pub struct BenchArgs {
     /// Far-future timers to schedule before reading memory use (0 skips the phase).
     #[arg(long, default_value_t = 0)]
     far: u64,
+    /// Engines sharing the store (each with its own pool and node identity); more than one
+    /// needs a shared store such as postgres://.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -78,9 +88,12 @@ struct Report {
     timers: u64,
     producers: usize,
     batch: usize,
+    nodes: usize,
     schedule_per_sec: f64,
     fire_per_sec: f64,
     fire_burst_seconds: f64,
+    /// Firings of the fire phase handled by each node.
+    fire_split: Vec<u64>,
     steady: Option<Steady>,
     far: Option<Far>,
     peak_rss_bytes: u64,
@@ -95,6 +108,12 @@ struct Steady {
     lateness_p90_ms: u64,
     lateness_p99_ms: u64,
     lateness_max_ms: u64,
+    /// Firings of the steady phase handled by each node.
+    split: Vec<u64>,
+    /// Of those, fired by the backstop sweep (a wake-up the trigger missed), summed over nodes.
+    backstop_rescued: u64,
+    /// Wake-ups whose claim failed (already claimed elsewhere, replaced or cancelled).
+    stale_dropped: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -105,14 +124,30 @@ struct Far {
     resident_in_memory: u64,
 }
 
-/// Counts completed firings and wakes a waiter at a target.
-#[derive(Debug, Default)]
+/// Counts completed firings (in all and per node), records their lateness, and wakes a waiter
+/// at a target.
+#[derive(Debug)]
 struct Counter {
     done: AtomicU64,
+    per_node: Vec<AtomicU64>,
+    lateness: parking_lot::Mutex<hdrhistogram::Histogram<u64>>,
     notify: Notify,
 }
 
 impl Counter {
+    fn new(nodes: usize) -> anyhow::Result<Counter> {
+        Ok(Counter {
+            done: AtomicU64::new(0),
+            per_node: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
+            lateness: parking_lot::Mutex::new(hdrhistogram::Histogram::new_with_max(3_600_000, 3)?),
+            notify: Notify::new(),
+        })
+    }
+
+    fn split(&self) -> Vec<u64> {
+        self.per_node.iter().map(|n| n.load(Ordering::Relaxed)).collect()
+    }
+
     async fn wait_for(&self, target: u64, bar: &ProgressBar) {
         loop {
             let n = self.done.load(Ordering::Relaxed);
@@ -137,16 +172,20 @@ fn bar(len: u64, what: &str, quiet: bool) -> ProgressBar {
     pb
 }
 
-async fn start_engine(store: Arc<dyn Store>, trigger: TriggerKind, offset_ms: i64, counter: Arc<Counter>) -> anyhow::Result<Engine> {
+async fn start_engine(store: Arc<dyn Store>, trigger: TriggerKind, offset_ms: i64, counter: Arc<Counter>, node: usize) -> anyhow::Result<Engine> {
     let clock: Arc<dyn overdue::Clock> = if offset_ms == 0 { system_clock() } else { Arc::new(OffsetClock { offset_ms }) };
     let config = EngineConfig { trigger, ..EngineConfig::default() };
     let queue = QueueConfig { concurrency: 4096, ..QueueConfig::default() };
     let engine = Engine::builder(store)
         .clock(clock)
         .config(config)
-        .handler(QUEUE, queue, move |_f: Firing| {
+        .handler(QUEUE, queue, move |f: Firing| {
             let c = counter.clone();
             async move {
+                c.lateness.lock().saturating_record(f.lateness_ms() as u64);
+                if let Some(n) = c.per_node.get(node) {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
                 c.done.fetch_add(1, Ordering::Relaxed);
                 c.notify.notify_one();
                 Outcome::Done
@@ -158,13 +197,14 @@ async fn start_engine(store: Arc<dyn Store>, trigger: TriggerKind, offset_ms: i6
 }
 
 /// Schedules `n` timers from `producers` tasks in batches; returns timers per second.
-async fn produce(engine: &Arc<Engine>, n: u64, producers: usize, batch: usize, due: impl Fn(u64) -> i64 + Send + Sync + 'static, prefix: &str, pb: &ProgressBar) -> anyhow::Result<f64> {
+async fn produce(engines: &[Arc<Engine>], n: u64, producers: usize, batch: usize, due: impl Fn(u64) -> i64 + Send + Sync + 'static, prefix: &str, pb: &ProgressBar) -> anyhow::Result<f64> {
     let next = Arc::new(AtomicU64::new(0));
     let due = Arc::new(due);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..producers.max(1) {
-        let (engine, next, due, pb, prefix) = (engine.clone(), next.clone(), due.clone(), pb.clone(), prefix.to_owned());
+    for p in 0..producers.max(1) {
+        let engine = engines[p % engines.len()].clone();
+        let (next, due, pb, prefix) = (next.clone(), due.clone(), pb.clone(), prefix.to_owned());
         tasks.push(tokio::spawn(async move {
             loop {
                 let start = next.fetch_add(batch as u64, Ordering::Relaxed);
@@ -194,33 +234,63 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.timers == 0 {
         bail!("--timers must be at least 1");
     }
+    if args.nodes == 0 || args.nodes > 16 {
+        bail!("--nodes must be between 1 and 16");
+    }
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
     let url = match &args.backend {
+        Some(u) if (u.starts_with("postgres://") || u.starts_with("postgresql://")) && !u.contains("schema=") => {
+            let sep = if u.contains('?') { '&' } else { '?' };
+            format!("{u}{sep}schema=overdue_bench_{}", overdue::SystemClock.now_ms())
+        }
         Some(u) => u.clone(),
         None => format!("sqlite:{}", tmp.path().join("bench.db").display()),
     };
     let quiet = args.json;
-    let store = overdue::open(&url).await.with_context(|| format!("opening {url}"))?;
+    let mut stores: Vec<Arc<dyn Store>> = Vec::with_capacity(args.nodes);
+    for _ in 0..args.nodes {
+        stores.push(overdue::open(&url).await.with_context(|| format!("opening {url}"))?);
+    }
+    if args.nodes > 1 && !stores[0].capabilities().shared {
+        bail!("--nodes {} needs a store that several nodes can share; {} is not", args.nodes, stores[0].capabilities().name);
+    }
     let mut report = Report {
         backend: url.clone(),
         trigger: args.trigger.to_string(),
         timers: args.timers,
         producers: args.producers,
         batch: args.batch,
+        nodes: args.nodes,
         ..Report::default()
+    };
+    let start_all = |offset_ms: i64, counter: Arc<Counter>| {
+        let stores = stores.clone();
+        let trigger = args.trigger;
+        async move {
+            let mut engines = Vec::with_capacity(stores.len());
+            for (i, store) in stores.into_iter().enumerate() {
+                engines.push(Arc::new(start_engine(store, trigger, offset_ms, counter.clone(), i).await?));
+            }
+            anyhow::Ok(engines)
+        }
+    };
+    let stop_all = |engines: Vec<Arc<Engine>>| async move {
+        for e in engines {
+            e.shutdown(Duration::from_secs(5)).await;
+        }
     };
 
     // 1. schedule
-    let counter = Arc::new(Counter::default());
-    let engine = Arc::new(start_engine(store.clone(), args.trigger, 0, counter.clone()).await?);
+    let counter = Arc::new(Counter::new(args.nodes)?);
+    let engines = start_all(0, counter.clone()).await?;
     let due_at = overdue::SystemClock.now_ms() + HOUR_MS;
     let pb = bar(args.timers, "schedule", quiet);
-    report.schedule_per_sec = produce(&engine, args.timers, args.producers, args.batch, move |_| due_at, "t", &pb).await?;
+    report.schedule_per_sec = produce(&engines, args.timers, args.producers, args.batch, move |_| due_at, "t", &pb).await?;
     pb.finish_and_clear();
-    engine.shutdown(Duration::from_secs(5)).await;
+    stop_all(engines).await;
 
     // 2. fire: a clock an hour and a second ahead sees everything due at once.
-    let engine = start_engine(store.clone(), args.trigger, HOUR_MS + 1_000, counter.clone()).await?;
+    let engines = start_all(HOUR_MS + 1_000, counter.clone()).await?;
     let pb = bar(args.timers, "fire", quiet);
     let started = Instant::now();
     counter.wait_for(args.timers, &pb).await;
@@ -228,16 +298,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     pb.finish_and_clear();
     report.fire_burst_seconds = secs;
     report.fire_per_sec = args.timers as f64 / secs;
-    engine.shutdown(Duration::from_secs(5)).await;
+    report.fire_split = counter.split();
+    stop_all(engines).await;
 
     // 3. steady rate
     if args.rate > 0 && args.rate_seconds > 0 {
-        let counter = Arc::new(Counter::default());
-        let engine = Arc::new(start_engine(store.clone(), args.trigger, 0, counter.clone()).await?);
+        let counter = Arc::new(Counter::new(args.nodes)?);
+        let engines = start_all(0, counter.clone()).await?;
         let total = args.rate * args.rate_seconds;
         let pb = bar(total, "steady", quiet);
         // Every 10 ms, schedule what brings the total to `rate × elapsed` (exact over the run
-        // for any rate, not rounded per slice), each due one second later.
+        // for any rate, not rounded per slice), each due one second later; the slices go to
+        // the nodes in turn.
         const SLICE_MS: u64 = 10;
         let mut slices = 0u64;
         let mut ticker = tokio::time::interval(Duration::from_millis(SLICE_MS));
@@ -253,7 +325,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             }
             let due = overdue::SystemClock.now_ms() + 1_000;
             let specs: Vec<TimerSpec> = (sent..sent + n).map(|i| TimerSpec::new(QUEUE, format!("s{i}"), due)).collect();
-            let e = engine.clone();
+            let e = engines[slices as usize % engines.len()].clone();
             inflight.push(tokio::spawn(async move { e.schedule_batch(specs).await }));
             sent += n;
             pb.set_position(counter.done.load(Ordering::Relaxed));
@@ -263,35 +335,39 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         counter.wait_for(total, &pb).await;
         pb.finish_and_clear();
-        let s = engine.stats().lateness;
+        let h = counter.lateness.lock().clone();
         report.steady = Some(Steady {
             rate_per_sec: args.rate,
             seconds: args.rate_seconds,
-            fired: s.count,
-            lateness_p50_ms: s.p50_ms,
-            lateness_p90_ms: s.p90_ms,
-            lateness_p99_ms: s.p99_ms,
-            lateness_max_ms: s.max_ms,
+            fired: h.len(),
+            lateness_p50_ms: h.value_at_quantile(0.50),
+            lateness_p90_ms: h.value_at_quantile(0.90),
+            lateness_p99_ms: h.value_at_quantile(0.99),
+            lateness_max_ms: h.max(),
+            split: counter.split(),
+            backstop_rescued: engines.iter().map(|e| e.stats().backstop_rescued).sum(),
+            stale_dropped: engines.iter().map(|e| e.stats().stale_dropped).sum(),
         });
-        engine.shutdown(Duration::from_secs(5)).await;
+        stop_all(engines).await;
     }
 
     // 4. far-future timers and memory
     if args.far > 0 {
-        let counter = Arc::new(Counter::default());
-        let engine = Arc::new(start_engine(store.clone(), args.trigger, 0, counter).await?);
+        let counter = Arc::new(Counter::new(args.nodes)?);
+        let engines = start_all(0, counter).await?;
         let pb = bar(args.far, "far", quiet);
         let year = overdue::limits::YEAR_MS;
         let now = overdue::SystemClock.now_ms();
-        let rate = produce(&engine, args.far, args.producers, args.batch.clamp(1000, overdue::limits::MAX_BATCH),
+        let rate = produce(&engines, args.far, args.producers, args.batch.clamp(1000, overdue::limits::MAX_BATCH),
             move |i| now + year + (i as i64 % 86_400_000), "far", &pb).await?;
         pb.finish_and_clear();
         let (rss, _) = rss_bytes();
-        report.far = Some(Far { timers: args.far, schedule_per_sec: rate, rss_bytes: rss, resident_in_memory: engine.stats().resident });
-        engine.shutdown(Duration::from_secs(5)).await;
+        let resident = engines.iter().map(|e| e.stats().resident).sum();
+        report.far = Some(Far { timers: args.far, schedule_per_sec: rate, rss_bytes: rss, resident_in_memory: resident });
+        stop_all(engines).await;
     }
     report.peak_rss_bytes = rss_bytes().1;
-    drop(store);
+    drop(stores);
 
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -303,14 +379,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
 fn print_table(r: &Report) {
     let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
-    println!("overdue bench — backend {} — trigger {}", r.backend, r.trigger);
+    println!("overdue bench — backend {} — trigger {} — {} node(s)", r.backend, r.trigger, r.nodes);
     println!("{:<34} {:>18}", "metric", "value");
     println!("{:<34} {:>18}", format!("schedule ({} producers, batch {})", r.producers, r.batch), format!("{} /s", thousands(r.schedule_per_sec as u64)));
     println!("{:<34} {:>18}", format!("fire ({} due at once)", thousands(r.timers)), format!("{} /s", thousands(r.fire_per_sec as u64)));
+    if r.nodes > 1 {
+        println!("{:<34} {:>18}", "  fired per node", join(&r.fire_split));
+    }
     if let Some(s) = &r.steady {
         println!("{:<34} {:>18}", format!("steady {} /s for {} s", thousands(s.rate_per_sec), s.seconds), format!("{} fired", thousands(s.fired)));
         println!("{:<34} {:>18}", "  lateness p50 / p90", format!("{} / {} ms", s.lateness_p50_ms, s.lateness_p90_ms));
         println!("{:<34} {:>18}", "  lateness p99 / max", format!("{} / {} ms", s.lateness_p99_ms, s.lateness_max_ms));
+        if r.nodes > 1 {
+            println!("{:<34} {:>18}", "  fired per node", join(&s.split));
+        }
+        println!("{:<34} {:>18}", "  backstop rescues / stale wake-ups", format!("{} / {}", s.backstop_rescued, s.stale_dropped));
     }
     if let Some(f) = &r.far {
         println!("{:<34} {:>18}", "far-future timers stored", thousands(f.timers));
@@ -319,4 +402,8 @@ fn print_table(r: &Report) {
         println!("{:<34} {:>18}", "  held in memory", thousands(f.resident_in_memory));
     }
     println!("{:<34} {:>18}", "peak RSS", mb(r.peak_rss_bytes));
+}
+
+fn join(v: &[u64]) -> String {
+    v.iter().map(|n| thousands(*n)).collect::<Vec<_>>().join(" / ")
 }

@@ -693,9 +693,14 @@ impl Shared {
         let epoch = self.store.ownership_epoch();
         if self.ownership_epoch.swap(epoch, Relaxed) != epoch {
             // This node now answers for a different set of timers (a partitioned store gained or
-            // lost partitions): forget the window and load it afresh from the start.
+            // lost partitions): load the window afresh from the start. What the index holds
+            // stays: an entry of a partition given away costs one failed claim at worst, while
+            // dropping it would lose the wake-ups of timers this node scheduled itself (those are
+            // never paged in by their partition's owner, whose window already covers them) and
+            // leave them to the backstop.
             let mut ix = index.lock();
-            *ix = MemIndex::new(self.cfg.trigger);
+            ix.covered_until = i64::MIN;
+            ix.cursor = None;
             tracing::info!(epoch, "timer ownership changed; reloading the in-memory window");
         }
         let horizon = self.cfg.horizon.as_millis() as i64;

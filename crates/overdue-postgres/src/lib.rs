@@ -8,8 +8,9 @@
 //!   when the call returns (at the server's `synchronous_commit`).
 //! - **The claim contract** of `overdue_core::store`, in one conditional `UPDATE … RETURNING`
 //!   per batch: a row is claimed only if its generation matches, `due_at <= now` and its lease
-//!   is empty or expired. Two nodes claiming the same row serialise on its row lock and the
-//!   second re-checks the condition (read committed), so exactly one wins.
+//!   is empty or expired. The rows are picked `FOR UPDATE SKIP LOCKED`: of two nodes claiming
+//!   the same row at once, one locks it and the other skips it without waiting, and a locked
+//!   row is re-checked on its newest committed version, so exactly one claim wins.
 //! - **The scheduled scan done right.** `claim_due` (the `scan` trigger and the backstop) takes
 //!   due rows in `(due_at, queue, key)` order with `FOR UPDATE SKIP LOCKED`: scanners running at
 //!   once on several nodes take disjoint rows and never wait for each other.
@@ -634,10 +635,15 @@ impl Store for PgStore {
         let mut sorted: Vec<&TimerRef> = timers.iter().collect();
         sorted.sort_unstable_by(|a, b| (&a.queue, &a.key).cmp(&(&b.queue, &b.key)));
         let a = RefArrays::of(sorted.into_iter());
+        // SKIP LOCKED: a row another node is claiming (or settling) right now is not waited
+        // for; that node has it. The locked rows are re-checked on their newest version.
         let r = sqlx::query(&format!(
-            "UPDATE timers t SET lease_owner = $1, lease_until = $2 \
-             FROM UNNEST($3::text[], $4::text[], $5::int8[]) AS c(queue, key, generation) \
-             WHERE {JOIN_GENERATION} AND t.due_at <= $6 AND (t.lease_until IS NULL OR t.lease_until <= $6) \
+            "UPDATE timers t SET lease_owner = $1, lease_until = $2 FROM ( \
+               SELECT t.queue, t.key FROM timers t \
+               JOIN UNNEST($3::text[], $4::text[], $5::int8[]) AS c(queue, key, generation) ON {JOIN_GENERATION} \
+               WHERE t.due_at <= $6 AND (t.lease_until IS NULL OR t.lease_until <= $6) \
+               FOR UPDATE OF t SKIP LOCKED) d \
+             WHERE t.queue = d.queue AND t.key = d.key \
              RETURNING t.queue, t.key, t.generation, t.due_at, t.payload, t.attempts"
         ))
         .bind(owner)
