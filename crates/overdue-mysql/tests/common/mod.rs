@@ -50,7 +50,10 @@ fn with_database(url: &str, database: &str) -> String {
 pub async fn fresh_url(extra: &str) -> Option<String> {
     let base = server_url();
     let database = fresh_database();
-    match sqlx::MySqlPool::connect(&base).await {
+    let connect = sqlx::mysql::MySqlPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect(&base);
+    match connect.await {
         Ok(pool) => {
             drop_old_databases(&pool).await;
             if let Err(e) = sqlx::query(&format!("CREATE DATABASE {database}"))
