@@ -5,7 +5,7 @@ mod bench;
 mod bench_orders;
 mod crash_worker;
 mod demo;
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 mod node_worker;
 mod serve;
 mod util;
@@ -41,7 +41,7 @@ enum Command {
     #[command(hide = true, name = "crash-worker")]
     CrashWorker(crash_worker::CrashArgs),
     /// Used by the many-nodes tests: one engine node on a shared store, until killed.
-    #[cfg(feature = "postgres")]
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
     #[command(hide = true, name = "node-worker")]
     NodeWorker(node_worker::NodeArgs),
 }
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::CrashWorker(args) => crash_worker::run(args).await,
-            #[cfg(feature = "postgres")]
+            #[cfg(any(feature = "postgres", feature = "mysql"))]
             Command::NodeWorker(args) => node_worker::run(args).await,
         }
     });

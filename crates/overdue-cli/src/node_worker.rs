@@ -1,4 +1,4 @@
-//! The child process of the many-nodes tests (`tests/multi_node_postgres.rs`), hidden from
+//! The child process of the many-nodes tests (`tests/multi_node.rs`), hidden from
 //! `--help`.
 //!
 //! It runs one engine node on a shared store and records the effect of every firing of queue
@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use overdue::{Clock, Engine, EngineConfig, Firing, Outcome, QueueConfig, TriggerKind};
+use overdue::{Clock, Engine, EngineConfig, Firing, Outcome, QueueConfig, Store, TriggerKind};
 
 /// Options of the hidden `node-worker` subcommand.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// Store URL (`postgres://…`); its `node=` parameter names this node.
+    /// Store URL (`postgres://…` or `mysql://…`); its `node=` parameter names this node.
     #[arg(long)]
     backend: String,
     /// Trigger to use.
@@ -30,38 +30,99 @@ pub struct NodeArgs {
     lease_ms: u64,
 }
 
-pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
-    if !args.backend.starts_with("postgres") {
-        bail!("node-worker supports postgres:// backends");
+/// Where a node records effects: the `effects` table of the store's own database.
+#[derive(Clone, Debug)]
+enum EffectLog {
+    #[cfg(feature = "postgres")]
+    Pg(sqlx::PgPool),
+    #[cfg(feature = "mysql")]
+    My(sqlx::MySqlPool),
+}
+
+impl EffectLog {
+    async fn create(&self) -> Result<(), sqlx::Error> {
+        match self {
+            #[cfg(feature = "postgres")]
+            EffectLog::Pg(pool) => sqlx::query(
+                "CREATE TABLE IF NOT EXISTS effects (key TEXT COLLATE \"C\" PRIMARY KEY, node TEXT NOT NULL, \
+                 due_at BIGINT NOT NULL, fired_at BIGINT NOT NULL, deliveries INTEGER NOT NULL)",
+            )
+            .execute(pool)
+            .await
+            .map(drop),
+            #[cfg(feature = "mysql")]
+            EffectLog::My(pool) => sqlx::query(
+                "CREATE TABLE IF NOT EXISTS effects (`key` VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin PRIMARY KEY, \
+                 node VARCHAR(255) NOT NULL, due_at BIGINT NOT NULL, fired_at BIGINT NOT NULL, deliveries INT NOT NULL) \
+                 ENGINE = InnoDB",
+            )
+            .execute(pool)
+            .await
+            .map(drop),
+        }
     }
-    let store = overdue::postgres::PgStore::open_url(&args.backend).await?;
-    let pool = store.pool().clone();
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS effects (key TEXT COLLATE \"C\" PRIMARY KEY, node TEXT NOT NULL, \
-         due_at BIGINT NOT NULL, fired_at BIGINT NOT NULL, deliveries INTEGER NOT NULL)",
-    )
-    .execute(&pool)
-    .await
-    .context("creating the effects table")?;
-    let node = store.node().to_owned();
-    let who = node.clone();
-    let handler = move |f: Firing| {
-        let pool = pool.clone();
-        let node = who.clone();
-        async move {
-            let fired_at = overdue::SystemClock.now_ms();
-            let res = sqlx::query(
+
+    /// The first delivery of a key writes its row; a repeat only bumps `deliveries`.
+    async fn record(&self, key: &str, node: &str, due_at: i64, fired_at: i64) -> Result<(), sqlx::Error> {
+        match self {
+            #[cfg(feature = "postgres")]
+            EffectLog::Pg(pool) => sqlx::query(
                 "INSERT INTO effects (key, node, due_at, fired_at, deliveries) VALUES ($1, $2, $3, $4, 1) \
                  ON CONFLICT (key) DO UPDATE SET deliveries = effects.deliveries + 1",
             )
-            .bind(&f.key)
-            .bind(&node)
-            .bind(f.due_at)
+            .bind(key)
+            .bind(node)
+            .bind(due_at)
             .bind(fired_at)
-            .execute(&pool)
-            .await;
-            match res {
-                Ok(_) => Outcome::Done,
+            .execute(pool)
+            .await
+            .map(drop),
+            #[cfg(feature = "mysql")]
+            EffectLog::My(pool) => sqlx::query(
+                "INSERT INTO effects (`key`, node, due_at, fired_at, deliveries) VALUES (?, ?, ?, ?, 1) \
+                 ON DUPLICATE KEY UPDATE deliveries = deliveries + 1",
+            )
+            .bind(key)
+            .bind(node)
+            .bind(due_at)
+            .bind(fired_at)
+            .execute(pool)
+            .await
+            .map(drop),
+        }
+    }
+}
+
+pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    // `closer` gives the node's partitions back at once on a graceful stop (instead of after
+    // their lease); it runs only when awaited.
+    type Closer = futures::future::BoxFuture<'static, overdue::Result<()>>;
+    let (store, log, node, closer): (Arc<dyn Store>, EffectLog, String, Closer) = match args.backend.split_once("://").map(|(s, _)| s) {
+        #[cfg(feature = "postgres")]
+        Some("postgres" | "postgresql") => {
+            let s = overdue::postgres::PgStore::open_url(&args.backend).await?;
+            let (log, node) = (EffectLog::Pg(s.pool().clone()), s.node().to_owned());
+            let c = s.clone();
+            (Arc::new(s), log, node, Box::pin(async move { c.close().await }))
+        }
+        #[cfg(feature = "mysql")]
+        Some("mysql") => {
+            let s = overdue::mysql::MysqlStore::open_url(&args.backend).await?;
+            let (log, node) = (EffectLog::My(s.pool().clone()), s.node().to_owned());
+            let c = s.clone();
+            (Arc::new(s), log, node, Box::pin(async move { c.close().await }))
+        }
+        _ => bail!("node-worker needs a shared store: a postgres:// or mysql:// URL"),
+    };
+    log.create().await.context("creating the effects table")?;
+    let who = node.clone();
+    let handler = move |f: Firing| {
+        let log = log.clone();
+        let node = who.clone();
+        async move {
+            let fired_at = overdue::SystemClock.now_ms();
+            match log.record(&f.key, &node, f.due_at, fired_at).await {
+                Ok(()) => Outcome::Done,
                 Err(e) => Outcome::fail(e),
             }
         }
@@ -77,8 +138,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_millis(args.lease_ms / 2),
         ..QueueConfig::default()
     };
-    let shared = Arc::new(store.clone());
-    let engine = Engine::builder(shared)
+    let engine = Engine::builder(store.clone())
         .config(config)
         .default_queue_config(queue.clone())
         .handler("effect", queue, handler)
@@ -97,6 +157,6 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         _ = stdin_closed => {}
     }
     engine.shutdown(Duration::from_secs(5)).await;
-    store.close().await?;
+    closer.await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -230,9 +230,8 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(opts.pool)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(connect.clone())
-            .await;
-        let pool = match tokio::time::timeout(CONNECT_TIMEOUT, async { pool }).await {
+            .connect_with(connect.clone());
+        let pool = match tokio::time::timeout(CONNECT_TIMEOUT, pool).await {
             Ok(Ok(pool)) => pool,
             Ok(Err(e)) => {
                 let e = pg_err(e);

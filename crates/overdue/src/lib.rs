@@ -8,8 +8,9 @@
 //! |---|---|---|
 //! | `sqlite:PATH` / `sqlite://PATH` | embedded SQLite ([`sqlite::SqliteStore`]) | `sqlite` (default) |
 //! | `postgres://…` / `postgresql://…` | PostgreSQL, shared by many nodes ([`postgres::PgStore`]) | `postgres` |
+//! | `mysql://…` | MariaDB 10.6+ (MySQL protocol), shared by many nodes ([`mysql::MysqlStore`]) | `mysql` |
 //!
-//! Later backends (MySQL, Redis, brokers) add rows here and arms to [`open`].
+//! Later backends (Redis, brokers) add rows here and arms to [`open`].
 
 use std::sync::Arc;
 
@@ -40,6 +41,12 @@ pub mod postgres {
     pub use overdue_postgres::*;
 }
 
+/// The MySQL-protocol store.
+#[cfg(feature = "mysql")]
+pub mod mysql {
+    pub use overdue_mysql::*;
+}
+
 /// The default store URL: an SQLite file under `./overdue-data/`.
 pub const DEFAULT_STORE_URL: &str = "sqlite:overdue-data/overdue.db";
 
@@ -56,6 +63,9 @@ pub fn built_in() -> Vec<&'static str> {
     if cfg!(feature = "postgres") {
         v.push("postgres://HOST/DB");
     }
+    if cfg!(feature = "mysql") {
+        v.push("mysql://HOST/DB");
+    }
     v
 }
 
@@ -68,6 +78,8 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
         "sqlite" => Ok(Arc::new(overdue_sql::sqlite::SqliteStore::open_url(url).await?)),
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => Ok(Arc::new(overdue_postgres::PgStore::open_url(url).await?)),
+        #[cfg(feature = "mysql")]
+        "mysql" => Ok(Arc::new(overdue_mysql::MysqlStore::open_url(url).await?)),
         _ if KNOWN_SCHEMES.contains(&scheme) => {
             Err(Error::Config(format!(
                 "the {scheme}:// backend is not built into this version of overdue (build it with the cargo \
