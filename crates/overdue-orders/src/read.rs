@@ -40,6 +40,9 @@ fn open_reader(path: &Path) -> Result<Connection> {
         .store_err(&format!("open {} for reading", path.display()))?;
     conn.busy_timeout(BUSY_TIMEOUT).store_err("set busy timeout")?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    // Keep cached plans whatever is bound (no re-prepare per new `LIMIT ?` value).
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .store_err("enable query planner stability")?;
     Ok(conn)
 }
 

@@ -24,7 +24,7 @@
 //! |---|---|---|---|
 //! | auto-increment id | `INTEGER PRIMARY KEY` (rowid) | `GENERATED ALWAYS AS IDENTITY` | `AUTO_INCREMENT` |
 //! | "insert once" | `ON CONFLICT DO NOTHING` | `ON CONFLICT DO NOTHING` | `INSERT IGNORE` |
-//! | transition result | `UPDATE … RETURNING` | `UPDATE … RETURNING` | `UPDATE`, then `SELECT` in the same transaction |
+//! | transition result | `UPDATE`, then `SELECT` (cheaper than `RETURNING`'s ephemeral table) | `UPDATE … RETURNING` | `UPDATE`, then `SELECT` in the same transaction |
 //! | text columns | `TEXT` (`STRICT` tables) | `TEXT COLLATE "C"` | `VARCHAR(n) … COLLATE utf8mb4_bin` |
 
 use overdue_sql::dialect::{Dialect, Migration};

@@ -4,8 +4,11 @@
 //!
 //! - **One write, one transaction.** Every change — an order with its stock reservations, lines,
 //!   `created` event and its `order.remind` / `order.close` timers; a transition with its event,
-//!   stock release and timer changes — is one [`SqliteStore::write`] closure: it commits whole
-//!   or not at all. No order exists without its close timer, no timer without its order.
+//!   stock release and timer changes — is one write closure: it commits whole or not at all.
+//!   No order exists without its close timer, no timer without its order. Closures that can be
+//!   refused only before their first change (one-line orders, transitions, the timer handlers)
+//!   run through [`SqliteStore::write_without_savepoint`]; multi-line orders, whose third line
+//!   may be out of stock after two were reserved, through [`SqliteStore::write`].
 //! - **Conditional transitions.** Each transition is `UPDATE orders … WHERE id = ? AND status IN
 //!   (…)` (payment adds `AND pay_deadline > now`), and inserts its `order_events` row under
 //!   `UNIQUE (order_id, kind)`. A payment and a timeout racing for the same order: exactly one
@@ -200,16 +203,21 @@ fn apply(
     with_items: bool,
 ) -> overdue::Result<Applied> {
     let conn = ctx.connection();
-    let moved = conn
+    let changed = conn
         .prepare_cached(sql::TRANSITION)
         .and_then(|mut s| {
-            s.query_row(
-                params![id, mv.to, now, mv.close_reason, mv.from[0], mv.from[1], i64::from(mv.before_deadline)],
-                read::order_row,
-            )
-            .optional()
+            s.execute(params![id, mv.to, now, mv.close_reason, mv.from[0], mv.from[1], i64::from(mv.before_deadline)])
         })
         .store_err(mv.action)?;
+    let moved = if changed == 0 {
+        None
+    } else {
+        Some(
+            conn.prepare_cached(sql::SELECT_ORDER)
+                .and_then(|mut s| s.query_row([id], read::order_row))
+                .store_err(mv.action)?,
+        )
+    };
     let Some(mut order) = moved else {
         let state = conn
             .prepare_cached(sql::ORDER_STATE)
@@ -375,9 +383,11 @@ impl OrderService {
         let pay_timeout = validate::new_order(&o, &self.config)?;
         let remind_before = validate::ms(self.config.remind_before);
         let clock = Arc::clone(&self.clock);
-        let (order, timers) = self
-            .store
-            .write(move |ctx| {
+        // A one-line order can only be refused by its reservation, its first write: it needs no
+        // savepoint (see `SqliteStore::write_without_savepoint`). More lines need one, to undo
+        // the lines already reserved when a later one is out of stock.
+        let single_line = o.items.len() == 1;
+        let job = move |ctx: &mut WriteCtx<'_>| {
                 let now = clock.now_ms();
                 let id = new_id("o", now);
                 let deadline = now.saturating_add(pay_timeout);
@@ -386,11 +396,14 @@ impl OrderService {
                 let mut total: i64 = 0;
                 {
                     let mut reserve = conn.prepare_cached(sql::RESERVE_STOCK).store_err("reserve stock")?;
+                    let mut price_of = conn.prepare_cached(sql::PRODUCT_PRICE).store_err("reserve stock")?;
                     for line in &o.items {
-                        let price = reserve
-                            .query_row(params![line.product_id, line.quantity], |r| r.get::<_, i64>(0))
-                            .optional()
-                            .store_err("reserve stock")?;
+                        let reserved = reserve.execute(params![line.product_id, line.quantity]).store_err("reserve stock")?;
+                        let price = if reserved == 0 {
+                            None
+                        } else {
+                            Some(price_of.query_row([&line.product_id], |r| r.get::<_, i64>(0)).store_err("reserve stock")?)
+                        };
                         let Some(price) = price else {
                             let available = conn
                                 .prepare_cached(sql::PRODUCT_STOCK)
@@ -430,7 +443,8 @@ impl OrderService {
                     specs.push(TimerSpec::new(Q_REMIND, id.clone(), remind_at));
                 }
                 specs.push(TimerSpec::new(Q_CLOSE, id.clone(), deadline));
-                let generations = ctx.schedule(&specs, now)?;
+                // The closure returns the error, so its savepoint undoes everything on failure.
+                let generations = ctx.schedule_or_fail(&specs, now)?;
                 let timers = specs
                     .into_iter()
                     .zip(generations)
@@ -449,9 +463,9 @@ impl OrderService {
                     items,
                 };
                 Ok((order, timers))
-            })
-            .await
-            .map_err(recover)?;
+            };
+        let written = if single_line { self.store.write_without_savepoint(job).await } else { self.store.write(job).await };
+        let (order, timers) = written.map_err(recover)?;
         self.track(timers);
         Ok(order)
     }
@@ -487,9 +501,11 @@ impl OrderService {
         };
         let clock = Arc::clone(&self.clock);
         let id = id.to_owned();
+        // `apply` writes nothing unless the transition matched, and every refusal returns before
+        // that: no savepoint needed.
         let outcome = self
             .store
-            .write(move |ctx| {
+            .write_without_savepoint(move |ctx| {
                 let now = clock.now_ms();
                 match apply(ctx, &id, &mv, now, BY_API, delay, true)? {
                     Applied::Moved(order, timers) => Ok(Ok((order, timers))),
@@ -587,7 +603,7 @@ impl OrderService {
     async fn timer_move(&self, firing: Firing, mv: Move) -> overdue::Result<bool> {
         let clock = Arc::clone(&self.clock);
         self.store
-            .write(move |ctx| {
+            .write_without_savepoint(move |ctx| {
                 let now = clock.now_ms();
                 let applied = apply(ctx, &firing.key, &mv, now, Cause { source: &firing.queue, detail: None }, 0, false)?;
                 Ok(matches!(applied, Applied::Moved(..)))
@@ -600,8 +616,9 @@ impl OrderService {
     /// ahead.
     async fn remind(&self, firing: Firing) -> overdue::Result<bool> {
         let clock = Arc::clone(&self.clock);
+        // The event insert is the first change; nothing refuses after it: no savepoint needed.
         self.store
-            .write(move |ctx| {
+            .write_without_savepoint(move |ctx| {
                 let now = clock.now_ms();
                 let conn = ctx.connection();
                 let id = &firing.key;

@@ -37,10 +37,14 @@ pub(crate) const SELECT_PRODUCT: &str =
 pub(crate) const LIST_PRODUCTS: &str =
     "SELECT id, name, price_cents, stock, stock_total, created_at FROM products WHERE id > ?1 ORDER BY id LIMIT ?2";
 
-/// `(product_id, quantity)` → the unit price, or no row when the product is missing or has
-/// less than `quantity` left. The conditional decrement is the whole reservation.
-pub(crate) const RESERVE_STOCK: &str =
-    "UPDATE products SET stock = stock - ?2 WHERE id = ?1 AND stock >= ?2 RETURNING price_cents";
+/// `(product_id, quantity)`: 1 row changed, or 0 when the product is missing or has less than
+/// `quantity` left. The conditional decrement is the whole reservation; the unit price is read
+/// after it with [`PRODUCT_PRICE`]. (No `RETURNING`: SQLite buffers `RETURNING` rows in an
+/// ephemeral table, and opening and closing it cost more than the second point lookup.)
+pub(crate) const RESERVE_STOCK: &str = "UPDATE products SET stock = stock - ?2 WHERE id = ?1 AND stock >= ?2";
+
+/// `(product_id)` → the unit price.
+pub(crate) const PRODUCT_PRICE: &str = "SELECT price_cents FROM products WHERE id = ?1";
 
 /// `(product_id)` → stock; to explain a failed reservation.
 pub(crate) const PRODUCT_STOCK: &str = "SELECT stock FROM products WHERE id = ?1";
@@ -74,12 +78,12 @@ pub(crate) const INSERT_EVENT_ONCE: &str = "INSERT INTO order_events (order_id, 
      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (order_id, kind) DO NOTHING";
 
 /// The transition: `(id, to, now, close_reason or NULL, from_a, from_b, before_deadline 0|1)`.
-/// Matches only an order in `from_a` or `from_b` (and, when `before_deadline` is 1, whose
-/// deadline is still ahead); returns the updated row.
+/// Matches (1 row changed) only an order in `from_a` or `from_b` (and, when `before_deadline`
+/// is 1, whose deadline is still ahead); the updated row is read after it with
+/// [`SELECT_ORDER`] in the same write (no `RETURNING`, see [`RESERVE_STOCK`]).
 pub(crate) const TRANSITION: &str = "UPDATE orders SET status = ?2, version = version + 1, updated_at = ?3, \
      close_reason = COALESCE(?4, close_reason) \
-     WHERE id = ?1 AND status IN (?5, ?6) AND (?7 = 0 OR pay_deadline > ?3) \
-     RETURNING id, buyer, status, total_cents, pay_deadline, created_at, updated_at, version, close_reason";
+     WHERE id = ?1 AND (status = ?5 OR status = ?6) AND (?7 = 0 OR pay_deadline > ?3)";
 
 /// `(id)` → `(status, pay_deadline)`: why a transition did not match.
 pub(crate) const ORDER_STATE: &str = "SELECT status, pay_deadline FROM orders WHERE id = ?1";

@@ -407,6 +407,21 @@ impl SqliteStore {
         self.submit(1, false, f).await
     }
 
+    /// [`SqliteStore::write`] for a closure that returns `Err` only before its first change (a
+    /// domain check that fails on the first conditional `UPDATE`, say) or on a store error:
+    /// it runs without a savepoint of its own (unless the store's outbox is on), which saves two
+    /// statements and the copy of every page it touches into the savepoint journal. If it does return `Err` after it changed rows
+    /// (counted by `total_changes`: `INSERT`, `UPDATE`, `DELETE`), its writes cannot be undone
+    /// alone, so the writer rolls back the whole group transaction and every write of the group
+    /// fails with that error (the closure's own error for itself) — nothing half-done commits.
+    pub async fn write_without_savepoint<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut WriteCtx<'_>) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.submit(1, true, f).await
+    }
+
     /// Sends a job to the writer and waits for its committed result. `one_statement` must only be
     /// set for closures that run exactly one SQL statement (they skip the savepoint).
     async fn submit<T, F>(&self, weight: usize, one_statement: bool, f: F) -> Result<T>
