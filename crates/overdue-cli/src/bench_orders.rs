@@ -44,6 +44,11 @@ pub struct OrdersBenchArgs {
     /// `reqwest` (the reqwest client on the bench's runtime; costs more CPU per request).
     #[arg(long, value_enum, default_value = "raw")]
     loadgen: LoadGen,
+    /// A command the server is started under, split at spaces (for profiling, e.g.
+    /// `valgrind --tool=callgrind`); the server is stopped with SIGTERM so it can write its
+    /// profile.
+    #[arg(long, hide = true)]
+    server_wrapper: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -108,7 +113,16 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
     let port = free_port()?;
     let base = format!("http://127.0.0.1:{port}");
     let exe = std::env::current_exe().context("locating the overdue binary")?;
-    let mut child = tokio::process::Command::new(exe)
+    let wrapper: Vec<String> = args.server_wrapper.as_deref().unwrap_or("").split_whitespace().map(str::to_owned).collect();
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(rest).arg(&exe);
+            c
+        }
+        None => tokio::process::Command::new(&exe),
+    };
+    let mut child = command
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--trigger", &args.trigger])
         .arg("--backend")
         .arg(format!("sqlite:{}?durability={}", tmp.path().join("orders.db").display(), args.durability))
@@ -210,7 +224,15 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let rss = peak_rss(pid);
-    let _ = child.start_kill();
+    if wrapper.is_empty() {
+        let _ = child.start_kill();
+    } else {
+        // Let the wrapper (a profiler) see a clean exit.
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        if tokio::time::timeout(Duration::from_secs(120), child.wait()).await.is_err() {
+            let _ = child.start_kill();
+        }
+    }
     let _ = child.wait().await;
 
     let n_created = created.load(Ordering::Relaxed);

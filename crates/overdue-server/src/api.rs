@@ -148,16 +148,49 @@ async fn body_guard(State(st): St, mut req: Request, next: Next) -> Response {
 }
 
 async fn http_metrics(req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+    // Labels are static strings (no allocation per request) for every route and method the API
+    // serves; anything else is labelled as it comes.
+    let route: metrics::SharedString = match req.extensions().get::<MatchedPath>() {
+        None => "unmatched".into(),
+        Some(m) => match ROUTES.iter().find(|(_, path)| *path == m.as_str()) {
+            Some((_, path)) => (*path).into(),
+            None => m.as_str().to_owned().into(),
+        },
+    };
+    let method: metrics::SharedString = match *req.method() {
+        Method::GET => "GET".into(),
+        Method::POST => "POST".into(),
+        Method::DELETE => "DELETE".into(),
+        ref other => other.as_str().to_owned().into(),
+    };
     let start = Instant::now();
     let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!("overdue_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+    metrics::counter!("overdue_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status_label(resp.status()))
         .increment(1);
     metrics::histogram!("overdue_http_request_duration_seconds", "method" => method, "route" => route)
         .record(start.elapsed().as_secs_f64());
     resp
+}
+
+/// The status code as a metric label, without allocating for the codes the API answers with.
+fn status_label(status: StatusCode) -> metrics::SharedString {
+    let code: &'static str = match status.as_u16() {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        500 => "500",
+        503 => "503",
+        other => return other.to_string().into(),
+    };
+    code.into()
 }
 
 async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
