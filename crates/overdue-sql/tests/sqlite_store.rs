@@ -635,6 +635,79 @@ async fn a_failing_write_rolls_back_only_itself() {
     assert!(next > good[0] + 1, "{next} must skip the rolled-back generation after {}", good[0]);
 }
 
+/// `write_without_savepoint`: a closure refused before its first change fails alone; one that
+/// fails after changing rows takes its whole group down with it (nothing half-done commits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_without_a_savepoint_fail_alone_only_before_their_first_change() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open(&dir).await;
+    store
+        .write(|ctx| {
+            ctx.connection()
+                .execute_batch("CREATE TABLE orders (id TEXT PRIMARY KEY, status TEXT NOT NULL)")
+                .store_err("create orders")
+        })
+        .await
+        .expect("create table");
+    let insert = |store: &SqliteStore, id: &'static str, fail: Option<bool>| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write_without_savepoint(move |ctx| -> overdue_core::Result<()> {
+                    if fail == Some(false) {
+                        return Err(Error::Config("refused before writing".into()));
+                    }
+                    ctx.connection()
+                        .execute("INSERT INTO orders VALUES (?1, 'pending_payment')", [id])
+                        .store_err("insert order")?;
+                    ctx.schedule_or_fail(&[spec("order.close", id, T0 + 30 * MIN)], T0)?;
+                    if fail == Some(true) {
+                        return Err(Error::Config("failed after writing".into()));
+                    }
+                    Ok(())
+                })
+                .await
+        })
+    };
+
+    // Refused before its first change: the rest of its group commits.
+    let (release, gate) = block_writer(&store).await;
+    let good = insert(&store, "o-1", None);
+    let refused = insert(&store, "o-2", Some(false));
+    wait_until_queued(&store, 2).await;
+    release.send(()).expect("release");
+    gate.await.expect("gate");
+    good.await.expect("task").expect("good write commits");
+    let e = refused.await.expect("task").expect_err("refused");
+    assert!(e.to_string().contains("refused before writing"), "{e}");
+    assert!(store.get("order.close", "o-1", T0).await.expect("get").is_some());
+    assert_eq!(store.stats().failed_commits, 0);
+
+    // Failed after changing rows: the whole group is rolled back, every write of it fails.
+    let (release, gate) = block_writer(&store).await;
+    let innocent = insert(&store, "o-3", None);
+    let broken = insert(&store, "o-4", Some(true));
+    wait_until_queued(&store, 2).await;
+    release.send(()).expect("release");
+    gate.await.expect("gate");
+    let e = broken.await.expect("task").expect_err("broken");
+    assert!(e.to_string().contains("failed after writing"), "its own error: {e}");
+    let e = innocent.await.expect("task").expect_err("the group was rolled back");
+    assert!(e.to_string().contains("without a savepoint"), "{e}");
+    for id in ["o-3", "o-4"] {
+        assert!(store.get("order.close", id, T0).await.expect("get").is_none(), "{id} rolled back");
+    }
+    let orders: Vec<String> = store
+        .write(|ctx| {
+            let mut stmt = ctx.connection().prepare("SELECT id FROM orders ORDER BY id").store_err("select")?;
+            let rows = stmt.query_map([], |r| r.get(0)).store_err("select")?;
+            rows.collect::<rusqlite::Result<Vec<String>>>().store_err("select")
+        })
+        .await
+        .expect("read orders");
+    assert_eq!(orders, ["o-1"]);
+}
+
 #[tokio::test]
 async fn write_ctx_cancel_and_reschedule_share_the_store_semantics() {
     let dir = TempDir::new().expect("tempdir");
