@@ -1,51 +1,35 @@
-//! The SQL text that differs between SQLite, PostgreSQL and MySQL, in one place.
+//! The SQLite store's SQL text, in one place: every statement lives in the [`Queries`] table and
+//! every schema step in the [`Migration`] list, so the store's code is the sequence of steps and
+//! this file is the text.
 //!
-//! Every statement a SQL store runs lives in a [`Queries`] table, one table per [`Dialect`], so a
-//! store implementation is the same sequence of steps on every database and only the text changes.
-//! Only [`Dialect::Sqlite`] is executed today (by [`crate::SqliteStore`]); the PostgreSQL and MySQL
-//! text is written out so the shape of those stores is visible, and is **untested** until their
-//! stores exist and run the shared conformance suite.
+//! The shared stores keep their own SQL next to their code: PostgreSQL in
+//! `crates/overdue-postgres` (batched with `UNNEST`) and MySQL/MariaDB in `crates/overdue-mysql`
+//! (multi-row `VALUES`, no `UPDATE … RETURNING`); `docs/sql-backends.md` compares them. An
+//! earlier version of this file carried untested PostgreSQL and MySQL text; it was removed when
+//! those stores landed, so there is one source of truth per backend.
 //!
-//! ## Ground rules every dialect keeps
+//! ## Ground rules
 //!
-//! - Columns and their meaning are the same everywhere: `timers(queue, key, due_at, payload,
-//!   generation, attempts, last_error, lease_owner, lease_until, created_at, updated_at)` with
-//!   `PRIMARY KEY (queue, key)` and an index on `(due_at, queue, key)`; `dead_letters` with an
-//!   auto-increment `id`; times are `BIGINT` milliseconds since the Unix epoch.
-//! - Text compares **bytewise** (SQLite's `BINARY`, PostgreSQL `COLLATE "C"`, MySQL
-//!   `utf8mb4_bin`), so `(due_at, queue, key)` keyset paging visits rows in the same order as
-//!   Rust's `String` ordering on every backend.
-//! - Schema changes are an ordered list of [`Migration`] steps per dialect, recorded in
-//!   `overdue_schema` by version. Versions only grow; a step is never edited once released
-//!   (add a new one). A store refuses to open a database whose recorded version is newer than
-//!   [`Dialect::latest_version`].
-//! - Placeholders: SQLite uses `?N`, PostgreSQL `$N` (both numbered, so one value can be used
-//!   twice); MySQL only has positional `?`. Every MySQL statement that needs a value twice says
-//!   its bind order in a leading `/* binds: … */` comment.
-//!
-//! ## Where the dialects differ (and what the PostgreSQL/MySQL stores must do about it)
-//!
-//! | concern | SQLite | PostgreSQL | MySQL 8 / MariaDB 10.6+ |
-//! |---|---|---|---|
-//! | upsert | `ON CONFLICT … DO UPDATE` | `ON CONFLICT … DO UPDATE` | `ON DUPLICATE KEY UPDATE col = VALUES(col)` |
-//! | `RETURNING` | `UPDATE`/`DELETE … RETURNING` | same | none on MySQL; MariaDB has `DELETE … RETURNING` but no `UPDATE … RETURNING`: lock with `SELECT … FOR UPDATE`, then write |
-//! | claim due timers | one `UPDATE … WHERE (queue, key) IN (SELECT … LIMIT n) RETURNING`; the single writer thread needs no row locks | the same with `FOR UPDATE SKIP LOCKED` in the subquery, so nodes scanning at once take disjoint rows | `SELECT … FOR UPDATE SKIP LOCKED`, then one `UPDATE` per row by primary key (no `LIMIT` in `IN` subqueries, no reading the updated table) |
-//! | generation counter | `meta` row held by the writer thread | a `SEQUENCE` (`nextval`), shared by every node | `meta` row bumped with `LAST_INSERT_ID(value + n)` in its own short transaction, reserving a block of `n` |
-//! | keyset cursor | row values `(a, b, c) > (?, ?, ?)` | row values | expanded `a > ? OR (a = ? AND …)` (MySQL does not range-scan row values) |
-//! | the `key` column | plain | plain | reserved word: written `` `key` `` |
+//! - Columns and their meaning are the same on every SQL store: `timers(queue, key, due_at,
+//!   payload, generation, attempts, last_error, lease_owner, lease_until, created_at,
+//!   updated_at)` with `PRIMARY KEY (queue, key)` and an index on `(due_at, queue, key)`;
+//!   `dead_letters` with an auto-increment `id`; times are `BIGINT` milliseconds since the Unix
+//!   epoch. (The shared stores add a `part` column for partition leases.)
+//! - Text compares **bytewise** (SQLite's `BINARY`), so `(due_at, queue, key)` keyset paging
+//!   visits rows in the same order as Rust's `String` ordering.
+//! - Schema changes are an ordered list of [`Migration`] steps, recorded in `overdue_schema` by
+//!   version. Versions only grow; a step is never edited once released (add a new one). A store
+//!   refuses to open a database whose recorded version is newer than [`Dialect::latest_version`].
+//! - Placeholders are numbered `?N`, so one value can be used twice.
 
 use std::fmt;
 
-/// A SQL dialect. Only [`Dialect::Sqlite`] is executed by this crate today.
+/// A SQL dialect of this crate (SQLite; the shared stores live in their own crates).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Dialect {
     /// SQLite 3.37+ (bundled with this crate): `STRICT`, `WITHOUT ROWID`, `RETURNING`.
     Sqlite,
-    /// PostgreSQL 12+.
-    Postgres,
-    /// MySQL 8.0+ (and MariaDB 10.6+, which has the same `SKIP LOCKED`).
-    Mysql,
 }
 
 impl fmt::Display for Dialect {
@@ -61,14 +45,12 @@ pub struct Migration {
     pub version: u32,
     /// A short description, stored next to the version.
     pub name: &'static str,
-    /// The statements of the step, separated by `;`. Run inside one transaction where the
-    /// database supports transactional DDL (SQLite, PostgreSQL; MySQL commits each DDL
-    /// statement implicitly, so its steps must be safe to re-run).
+    /// The statements of the step, separated by `;`, run inside one transaction.
     pub sql: &'static str,
 }
 
-/// The statements of one dialect. Field docs list the parameters in order (`?1`/`$1` is the
-/// first); the SQLite store binds exactly these.
+/// The statements of one dialect. Field docs list the parameters in order (`?1` is the first);
+/// the SQLite store binds exactly these.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Queries {
@@ -82,31 +64,24 @@ pub struct Queries {
     /// `created_at = updated_at = now`; an existing row keeps `created_at`, and its attempts,
     /// last error and lease are reset.
     pub upsert_timer: &'static str,
-    /// Removes a timer: `(queue, key)`. On SQLite and PostgreSQL returns the removed
-    /// `generation`; on MySQL returns nothing (read it first with [`Queries::lock_timer`]).
+    /// Removes a timer: `(queue, key)`, returning the removed `generation`.
     pub cancel_timer: &'static str,
-    /// Reads (and on PostgreSQL/MySQL row-locks) a timer's `generation`: `(queue, key)`.
+    /// Reads a timer's `generation`: `(queue, key)`.
     pub lock_timer: &'static str,
     /// Moves a timer, keeping its payload: `(queue, key, due_at, generation, now)`. Clears the
     /// lease, attempts and last error. Affects 0 rows if there is no such timer.
     pub reschedule_timer: &'static str,
     /// Claims one generation: `(queue, key, generation, now, owner, lease_until)`. Applies only if
-    /// the generation matches, `due_at <= now` and the lease is empty or expired. SQLite and
-    /// PostgreSQL return `(payload, attempts, due_at)` (`due_at` because a retry moves it without
-    /// changing the generation); MySQL returns nothing (read them with [`Queries::claimed_row`]
-    /// in the same transaction).
+    /// the generation matches, `due_at <= now` and the lease is empty or expired. Returns
+    /// `(payload, attempts, due_at)` (`due_at` because a retry moves it without changing the
+    /// generation).
     pub claim_timer: &'static str,
-    /// The `(payload, attempts, due_at)` of a timer just claimed: `(queue, key)`. MySQL only.
+    /// The `(payload, attempts, due_at)` of a timer just claimed: `(queue, key)` (used by the
+    /// batched claim, which runs [`Queries::claim_timer`] without its `RETURNING`).
     pub claimed_row: &'static str,
-    /// Due, unclaimed timers, earliest first: `(due_before, now, limit)`, returning
-    /// `(queue, key, generation, due_at)`. PostgreSQL and MySQL lock the rows with
-    /// `FOR UPDATE SKIP LOCKED` so that nodes scanning at once take disjoint rows.
-    pub select_due: &'static str,
     /// Finds and claims due, unclaimed timers in one statement: `(due_before, now, limit, owner,
     /// lease_until)`, returning `(queue, key, generation, due_at, payload, attempts)` in no
-    /// particular order (sort by `(due_at, queue, key)`). Empty on MySQL, which can neither
-    /// `LIMIT` an `IN` subquery nor read the table it updates: there, run
-    /// [`Queries::select_due`] and [`Queries::claim_timer`] per row.
+    /// particular order (sort by `(due_at, queue, key)`).
     pub claim_due: &'static str,
     /// References to timers due by `until`, after a cursor, without payloads:
     /// `(after_due, after_queue, after_key, until, limit)`, returning
@@ -182,8 +157,6 @@ impl Dialect {
     pub fn name(self) -> &'static str {
         match self {
             Dialect::Sqlite => "sqlite",
-            Dialect::Postgres => "postgres",
-            Dialect::Mysql => "mysql",
         }
     }
 
@@ -191,8 +164,6 @@ impl Dialect {
     pub fn migrations(self) -> &'static [Migration] {
         match self {
             Dialect::Sqlite => SQLITE_MIGRATIONS,
-            Dialect::Postgres => POSTGRES_MIGRATIONS,
-            Dialect::Mysql => MYSQL_MIGRATIONS,
         }
     }
 
@@ -205,30 +176,20 @@ impl Dialect {
     pub const fn queries(self) -> &'static Queries {
         match self {
             Dialect::Sqlite => &SQLITE,
-            Dialect::Postgres => &POSTGRES,
-            Dialect::Mysql => &MYSQL,
         }
     }
 
-    /// The placeholder for the `n`-th bound value (1-based): `?1`, `$1` or `?`.
+    /// The placeholder for the `n`-th bound value (1-based): `?1`.
     pub fn placeholder(self, n: usize) -> String {
         match self {
             Dialect::Sqlite => format!("?{n}"),
-            Dialect::Postgres => format!("${n}"),
-            Dialect::Mysql => "?".to_owned(),
         }
-    }
-
-    /// Whether `UPDATE … RETURNING` exists (not on MySQL nor MariaDB).
-    pub fn has_update_returning(self) -> bool {
-        !matches!(self, Dialect::Mysql)
     }
 
     /// The `key` column as this dialect must spell it.
     pub fn key_column(self) -> &'static str {
         match self {
-            Dialect::Mysql => "`key`",
-            Dialect::Sqlite | Dialect::Postgres => "key",
+            Dialect::Sqlite => "key",
         }
     }
 
@@ -269,21 +230,11 @@ impl Dialect {
     ) -> String {
         let key = self.key_column();
         match self {
-            Dialect::Sqlite | Dialect::Postgres => {
+            Dialect::Sqlite => {
                 let d = next(binds, Bind::AfterDue);
                 let q = next(binds, Bind::AfterQueue);
                 let k = next(binds, Bind::AfterKey);
                 format!("(due_at, queue, {key}) > ({d}, {q}, {k})")
-            }
-            Dialect::Mysql => {
-                let d1 = next(binds, Bind::AfterDue);
-                let d2 = next(binds, Bind::AfterDue);
-                let q1 = next(binds, Bind::AfterQueue);
-                let q2 = next(binds, Bind::AfterQueue);
-                let k = next(binds, Bind::AfterKey);
-                format!(
-                    "(due_at > {d1} OR (due_at = {d2} AND (queue > {q1} OR (queue = {q2} AND {key} > {k}))))"
-                )
             }
         }
     }
@@ -396,9 +347,6 @@ const SQLITE: Queries = Queries {
                   AND (lease_until IS NULL OR lease_until <= ?4) \
                   RETURNING payload, attempts, due_at",
     claimed_row: "SELECT payload, attempts, due_at FROM timers WHERE queue = ?1 AND key = ?2",
-    select_due: "SELECT queue, key, generation, due_at FROM timers \
-                 WHERE due_at <= ?1 AND (lease_until IS NULL OR lease_until <= ?2) \
-                 ORDER BY due_at, queue, key LIMIT ?3",
     claim_due: "UPDATE timers SET lease_owner = ?4, lease_until = ?5 WHERE (queue, key) IN ( \
                 SELECT queue, key FROM timers \
                 WHERE due_at <= ?1 AND (lease_until IS NULL OR lease_until <= ?2) \
@@ -435,238 +383,11 @@ const SQLITE: Queries = Queries {
     count_dead_letters: "SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue",
 };
 
-// ---------------------------------------------------------------------------------------------
-// PostgreSQL (not executed yet)
-// ---------------------------------------------------------------------------------------------
-
-const POSTGRES_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "timers, dead letters and the generation sequence",
-    sql: r#"
-CREATE TABLE timers (
-    queue       TEXT   COLLATE "C" NOT NULL,
-    key         TEXT   COLLATE "C" NOT NULL,
-    due_at      BIGINT NOT NULL,
-    payload     BYTEA  NOT NULL,
-    generation  BIGINT NOT NULL,
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    last_error  TEXT,
-    lease_owner TEXT,
-    lease_until BIGINT,
-    created_at  BIGINT NOT NULL,
-    updated_at  BIGINT NOT NULL,
-    PRIMARY KEY (queue, key)
-);
-CREATE INDEX timers_due ON timers (due_at, queue, key);
-CREATE INDEX timers_leased ON timers (lease_until) WHERE lease_until IS NOT NULL;
-
-CREATE TABLE dead_letters (
-    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    queue       TEXT   COLLATE "C" NOT NULL,
-    key         TEXT   COLLATE "C" NOT NULL,
-    generation  BIGINT NOT NULL,
-    due_at      BIGINT NOT NULL,
-    payload     BYTEA  NOT NULL,
-    attempts    INTEGER NOT NULL,
-    error       TEXT   NOT NULL,
-    failed_at   BIGINT NOT NULL
-);
-CREATE INDEX dead_letters_queue ON dead_letters (queue, id);
-
--- Shared by every node; nextval never hands out a value twice, even after a rollback.
-CREATE SEQUENCE overdue_generation AS BIGINT;
-CREATE TABLE meta (
-    name  TEXT PRIMARY KEY,
-    value BIGINT NOT NULL
-);
-"#,
-}];
-
-const POSTGRES: Queries = Queries {
-    create_schema_table: "CREATE TABLE IF NOT EXISTS overdue_schema (
-        version    INTEGER PRIMARY KEY,
-        name       TEXT NOT NULL,
-        applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-    )",
-    schema_version: "SELECT COALESCE(MAX(version), 0) FROM overdue_schema",
-    record_migration: "INSERT INTO overdue_schema (version, name) VALUES ($1, $2)",
-    upsert_timer: "INSERT INTO timers (queue, key, due_at, payload, generation, attempts, last_error, \
-                   lease_owner, lease_until, created_at, updated_at) \
-                   VALUES ($1, $2, $3, $4, $5, 0, NULL, NULL, NULL, $6, $6) \
-                   ON CONFLICT (queue, key) DO UPDATE SET due_at = EXCLUDED.due_at, \
-                   payload = EXCLUDED.payload, generation = EXCLUDED.generation, attempts = 0, \
-                   last_error = NULL, lease_owner = NULL, lease_until = NULL, \
-                   updated_at = EXCLUDED.updated_at",
-    cancel_timer: "DELETE FROM timers WHERE queue = $1 AND key = $2 RETURNING generation",
-    lock_timer: "SELECT generation FROM timers WHERE queue = $1 AND key = $2 FOR UPDATE",
-    reschedule_timer: "UPDATE timers SET due_at = $3, generation = $4, attempts = 0, last_error = NULL, \
-                       lease_owner = NULL, lease_until = NULL, updated_at = $5 \
-                       WHERE queue = $1 AND key = $2",
-    claim_timer: "UPDATE timers SET lease_owner = $5, lease_until = $6 \
-                  WHERE queue = $1 AND key = $2 AND generation = $3 AND due_at <= $4 \
-                  AND (lease_until IS NULL OR lease_until <= $4) \
-                  RETURNING payload, attempts, due_at",
-    claimed_row: "SELECT payload, attempts, due_at FROM timers WHERE queue = $1 AND key = $2",
-    select_due: "SELECT queue, key, generation, due_at FROM timers \
-                 WHERE due_at <= $1 AND (lease_until IS NULL OR lease_until <= $2) \
-                 ORDER BY due_at, queue, key LIMIT $3 FOR UPDATE SKIP LOCKED",
-    claim_due: "UPDATE timers SET lease_owner = $4, lease_until = $5 WHERE (queue, key) IN ( \
-                SELECT queue, key FROM timers \
-                WHERE due_at <= $1 AND (lease_until IS NULL OR lease_until <= $2) \
-                ORDER BY due_at, queue, key LIMIT $3 FOR UPDATE SKIP LOCKED) \
-                RETURNING queue, key, generation, due_at, payload, attempts",
-    due_refs_after: "SELECT queue, key, generation, due_at FROM timers \
-                     WHERE (due_at, queue, key) > ($1, $2, $3) AND due_at <= $4 \
-                     ORDER BY due_at, queue, key LIMIT $5",
-    due_refs_first: "SELECT queue, key, generation, due_at FROM timers WHERE due_at <= $1 \
-                     ORDER BY due_at, queue, key LIMIT $2",
-    settle_done: "DELETE FROM timers WHERE queue = $1 AND key = $2 AND generation = $3",
-    settle_retry: "UPDATE timers SET due_at = $4, attempts = $5, last_error = $6, lease_owner = NULL, \
-                   lease_until = NULL, updated_at = $7 \
-                   WHERE queue = $1 AND key = $2 AND generation = $3",
-    settle_release: "UPDATE timers SET lease_owner = NULL, lease_until = NULL \
-                     WHERE queue = $1 AND key = $2 AND generation = $3",
-    dead_letter_timer: "INSERT INTO dead_letters (queue, key, generation, due_at, payload, attempts, error, failed_at) \
-                        SELECT queue, key, generation, due_at, payload, $4, $5, $6 FROM timers \
-                        WHERE queue = $1 AND key = $2 AND generation = $3",
-    select_dead_letter: "SELECT queue, key, payload FROM dead_letters WHERE id = $1 FOR UPDATE",
-    delete_dead_letter: "DELETE FROM dead_letters WHERE id = $1",
-    // The sequence is the counter; `store_generation` only matters when importing data.
-    store_generation: "SELECT setval('overdue_generation', GREATEST($1, (SELECT last_value FROM overdue_generation)))",
-    load_generation: "SELECT nextval('overdue_generation')",
-    clear_leases: "UPDATE timers SET lease_owner = NULL, lease_until = NULL WHERE lease_until IS NOT NULL",
-    get_timer: "SELECT queue, key, due_at, payload, generation, attempts, last_error, lease_owner, \
-                lease_until, created_at, updated_at FROM timers WHERE queue = $1 AND key = $2",
-    count_timers: "SELECT queue, \
-                   COUNT(*) FILTER (WHERE lease_until IS NULL OR lease_until <= $1), \
-                   COUNT(*) FILTER (WHERE lease_until > $1) \
-                   FROM timers GROUP BY queue",
-    count_dead_letters: "SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue",
-};
-
-// ---------------------------------------------------------------------------------------------
-// MySQL / MariaDB (not executed yet)
-// ---------------------------------------------------------------------------------------------
-
-const MYSQL_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "timers, dead letters and the generation high-water mark",
-    // utf8mb4_bin: bytewise order, as on SQLite. A 256-byte key is at most 1024 bytes in
-    // utf8mb4, inside InnoDB's 3072-byte index limit. MEDIUMBLOB holds the 16 MiB payload cap.
-    sql: "
-CREATE TABLE IF NOT EXISTS timers (
-    queue       VARCHAR(64)  CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
-    `key`       VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-    due_at      BIGINT       NOT NULL,
-    payload     MEDIUMBLOB   NOT NULL,
-    generation  BIGINT       NOT NULL,
-    attempts    INT          NOT NULL DEFAULT 0,
-    last_error  TEXT,
-    lease_owner VARCHAR(255),
-    lease_until BIGINT,
-    created_at  BIGINT       NOT NULL,
-    updated_at  BIGINT       NOT NULL,
-    PRIMARY KEY (queue, `key`),
-    KEY timers_due (due_at, queue, `key`),
-    KEY timers_leased (lease_until)
-) ENGINE = InnoDB;
-
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id          BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
-    queue       VARCHAR(64)  CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
-    `key`       VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-    generation  BIGINT       NOT NULL,
-    due_at      BIGINT       NOT NULL,
-    payload     MEDIUMBLOB   NOT NULL,
-    attempts    INT          NOT NULL,
-    error       TEXT         NOT NULL,
-    failed_at   BIGINT       NOT NULL,
-    KEY dead_letters_queue (queue, id)
-) ENGINE = InnoDB;
-
-CREATE TABLE IF NOT EXISTS meta (
-    name  VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
-    value BIGINT NOT NULL
-) ENGINE = InnoDB;
-INSERT IGNORE INTO meta (name, value) VALUES ('generation', 0);
-",
-}];
-
-const MYSQL: Queries = Queries {
-    create_schema_table: "CREATE TABLE IF NOT EXISTS overdue_schema (
-        version    INT PRIMARY KEY,
-        name       VARCHAR(255) NOT NULL,
-        applied_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP
-    ) ENGINE = InnoDB",
-    schema_version: "SELECT COALESCE(MAX(version), 0) FROM overdue_schema",
-    record_migration: "INSERT INTO overdue_schema (version, name) VALUES (?, ?)",
-    // VALUES(col) works on MySQL 8 (deprecated, still supported) and on MariaDB, which lacks
-    // the `AS new` row alias.
-    upsert_timer: "/* binds: queue, key, due_at, payload, generation, now, now */ \
-                   INSERT INTO timers (queue, `key`, due_at, payload, generation, attempts, last_error, \
-                   lease_owner, lease_until, created_at, updated_at) \
-                   VALUES (?, ?, ?, ?, ?, 0, NULL, NULL, NULL, ?, ?) \
-                   ON DUPLICATE KEY UPDATE due_at = VALUES(due_at), payload = VALUES(payload), \
-                   generation = VALUES(generation), attempts = 0, last_error = NULL, \
-                   lease_owner = NULL, lease_until = NULL, updated_at = VALUES(updated_at)",
-    cancel_timer: "DELETE FROM timers WHERE queue = ? AND `key` = ?",
-    lock_timer: "SELECT generation FROM timers WHERE queue = ? AND `key` = ? FOR UPDATE",
-    reschedule_timer: "/* binds: due_at, generation, now, queue, key */ \
-                       UPDATE timers SET due_at = ?, generation = ?, attempts = 0, last_error = NULL, \
-                       lease_owner = NULL, lease_until = NULL, updated_at = ? \
-                       WHERE queue = ? AND `key` = ?",
-    claim_timer: "/* binds: owner, lease_until, queue, key, generation, now, now */ \
-                  UPDATE timers SET lease_owner = ?, lease_until = ? \
-                  WHERE queue = ? AND `key` = ? AND generation = ? AND due_at <= ? \
-                  AND (lease_until IS NULL OR lease_until <= ?)",
-    claimed_row: "SELECT payload, attempts, due_at FROM timers WHERE queue = ? AND `key` = ?",
-    select_due: "SELECT queue, `key`, generation, due_at FROM timers \
-                 WHERE due_at <= ? AND (lease_until IS NULL OR lease_until <= ?) \
-                 ORDER BY due_at, queue, `key` LIMIT ? FOR UPDATE SKIP LOCKED",
-    claim_due: "",
-    due_refs_after: "/* binds: after_due, after_due, after_queue, after_queue, after_key, until, limit */ \
-                     SELECT queue, `key`, generation, due_at FROM timers \
-                     WHERE (due_at > ? OR (due_at = ? AND (queue > ? OR (queue = ? AND `key` > ?)))) \
-                     AND due_at <= ? ORDER BY due_at, queue, `key` LIMIT ?",
-    due_refs_first: "SELECT queue, `key`, generation, due_at FROM timers WHERE due_at <= ? \
-                     ORDER BY due_at, queue, `key` LIMIT ?",
-    settle_done: "DELETE FROM timers WHERE queue = ? AND `key` = ? AND generation = ?",
-    settle_retry: "/* binds: due_at, attempts, error, now, queue, key, generation */ \
-                   UPDATE timers SET due_at = ?, attempts = ?, last_error = ?, lease_owner = NULL, \
-                   lease_until = NULL, updated_at = ? \
-                   WHERE queue = ? AND `key` = ? AND generation = ?",
-    settle_release: "UPDATE timers SET lease_owner = NULL, lease_until = NULL \
-                     WHERE queue = ? AND `key` = ? AND generation = ?",
-    dead_letter_timer: "/* binds: attempts, error, failed_at, queue, key, generation */ \
-                        INSERT INTO dead_letters (queue, `key`, generation, due_at, payload, attempts, error, failed_at) \
-                        SELECT queue, `key`, generation, due_at, payload, ?, ?, ? FROM timers \
-                        WHERE queue = ? AND `key` = ? AND generation = ?",
-    select_dead_letter: "SELECT queue, `key`, payload FROM dead_letters WHERE id = ? FOR UPDATE",
-    delete_dead_letter: "DELETE FROM dead_letters WHERE id = ?",
-    // Reserve a block of n generations in its own short transaction, then read it back with
-    // SELECT LAST_INSERT_ID(): the block is [LAST_INSERT_ID() - n + 1, LAST_INSERT_ID()].
-    store_generation: "/* binds: n */ \
-                       UPDATE meta SET value = LAST_INSERT_ID(value + ?) WHERE name = 'generation'",
-    load_generation: "SELECT GREATEST( \
-                        COALESCE((SELECT value FROM meta WHERE name = 'generation'), 0), \
-                        COALESCE((SELECT MAX(generation) FROM timers), 0), \
-                        COALESCE((SELECT MAX(generation) FROM dead_letters), 0))",
-    clear_leases: "UPDATE timers SET lease_owner = NULL, lease_until = NULL WHERE lease_until IS NOT NULL",
-    get_timer: "SELECT queue, `key`, due_at, payload, generation, attempts, last_error, lease_owner, \
-                lease_until, created_at, updated_at FROM timers WHERE queue = ? AND `key` = ?",
-    count_timers: "/* binds: now, now */ \
-                   SELECT queue, \
-                   SUM(CASE WHEN lease_until > ? THEN 0 ELSE 1 END), \
-                   SUM(CASE WHEN lease_until > ? THEN 1 ELSE 0 END) \
-                   FROM timers GROUP BY queue",
-    count_dead_letters: "SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue",
-};
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [Dialect; 3] = [Dialect::Sqlite, Dialect::Postgres, Dialect::Mysql];
+    const ALL: [Dialect; 1] = [Dialect::Sqlite];
 
     #[test]
     fn migration_versions_start_at_one_and_have_no_gaps() {
@@ -689,19 +410,6 @@ mod tests {
     }
 
     #[test]
-    fn mysql_text_quotes_the_key_column_everywhere() {
-        let q = Dialect::Mysql.queries();
-        let (list, _) = Dialect::Mysql.list_timers_sql(ListShape { after: true, ..ListShape::default() });
-        for sql in
-            [q.upsert_timer, q.claim_timer, q.select_due, q.due_refs_after, q.get_timer, q.settle_done, &list]
-        {
-            // The leading bind comment names parameters, not columns.
-            let body = sql.rsplit("*/").next().unwrap_or(sql);
-            assert!(!body.contains(" key ") && !body.contains(" key,"), "unquoted key in {sql}");
-        }
-    }
-
-    #[test]
     fn list_sql_numbers_its_binds_in_order() {
         let shape = ListShape { queue: true, due_from: false, due_to: true, after: true };
         let (sql, binds) = Dialect::Sqlite.list_timers_sql(shape);
@@ -712,12 +420,8 @@ mod tests {
         assert!(sql.contains("queue = ?1") && sql.contains("due_at <= ?2"), "{sql}");
         assert!(sql.contains("(due_at, queue, key) > (?3, ?4, ?5)") && sql.ends_with("LIMIT ?6"), "{sql}");
 
-        let (sql, binds) = Dialect::Mysql.list_timers_sql(ListShape { after: true, ..ListShape::default() });
-        assert_eq!(binds.len(), sql.matches('?').count(), "{sql}");
-        assert_eq!(binds[..2], [Bind::AfterDue, Bind::AfterDue]);
-
-        let (sql, _) = Dialect::Postgres.list_timers_sql(ListShape::default());
-        assert!(sql.ends_with("LIMIT $1"), "{sql}");
+        let (sql, _) = Dialect::Sqlite.list_timers_sql(ListShape::default());
+        assert!(sql.ends_with("LIMIT ?1"), "{sql}");
     }
 
     #[test]

@@ -25,13 +25,10 @@
 //! # let _ = generations; Ok(()) }
 //! ```
 //!
-//! ## Adding the PostgreSQL or MySQL store
+//! ## The other SQL stores
 //!
-//! Put it in its own module next to `sqlite`, take every statement from
-//! [`Dialect::queries`](dialect::Dialect::queries) and the schema from
-//! [`Dialect::migrations`](dialect::Dialect::migrations), follow the table in the [`dialect`]
-//! docs for what differs (claiming with `SKIP LOCKED`, the generation sequence, no `RETURNING`
-//! on MySQL), and run the conformance suite from its tests.
+//! PostgreSQL and MySQL/MariaDB are their own crates (`overdue-postgres`, `overdue-mysql`), with
+//! their own batched SQL and partition leases for many nodes; see `docs/sql-backends.md`.
 
 pub mod dialect;
 pub mod sqlite;
