@@ -27,7 +27,7 @@
 //! | transition result | `UPDATE`, then `SELECT` (cheaper than `RETURNING`'s ephemeral table) | `UPDATE … RETURNING` | `UPDATE`, then `SELECT` in the same transaction |
 //! | text columns | `TEXT` (`STRICT` tables) | `TEXT COLLATE "C"` | `VARCHAR(n) … COLLATE utf8mb4_bin` |
 
-use overdue_sql::dialect::{Dialect, Migration};
+use overdue_sql::dialect::Migration;
 use overdue_sql::SqlResultExt;
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -229,12 +229,31 @@ const POSTGRES: &[Migration] =
     &[Migration { version: 1, name: "orders, stock, events, outbox", sql: POSTGRES_V1 }];
 const MYSQL: &[Migration] = &[Migration { version: 1, name: "orders, stock, events, outbox", sql: MYSQL_V1 }];
 
+/// The databases the order tables are written for. Only SQLite runs the order service today;
+/// the PostgreSQL and MySQL steps are kept beside it so the three stay in step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+    Mysql,
+}
+
+impl std::fmt::Display for Dialect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgres",
+            Dialect::Mysql => "mysql",
+        })
+    }
+}
+
 /// The ordered schema steps of a dialect (versions 1, 2, … without gaps).
 pub fn migrations(dialect: Dialect) -> &'static [Migration] {
     match dialect {
         Dialect::Postgres => POSTGRES,
         Dialect::Mysql => MYSQL,
-        _ => SQLITE,
+        Dialect::Sqlite => SQLITE,
     }
 }
 
@@ -243,7 +262,7 @@ pub fn version_table(dialect: Dialect) -> &'static str {
     match dialect {
         Dialect::Postgres => POSTGRES_VERSION_TABLE,
         Dialect::Mysql => MYSQL_VERSION_TABLE,
-        _ => SQLITE_VERSION_TABLE,
+        Dialect::Sqlite => SQLITE_VERSION_TABLE,
     }
 }
 
