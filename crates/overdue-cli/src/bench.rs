@@ -238,10 +238,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bail!("--nodes must be between 1 and 16");
     }
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
+    // A postgres URL without a schema gets a fresh one, dropped again at the end.
+    let mut own_schema: Option<(String, String)> = None;
     let url = match &args.backend {
         Some(u) if (u.starts_with("postgres://") || u.starts_with("postgresql://")) && !u.contains("schema=") => {
             let sep = if u.contains('?') { '&' } else { '?' };
-            format!("{u}{sep}schema=overdue_bench_{}", overdue::SystemClock.now_ms())
+            let schema = format!("overdue_bench_{}", overdue::SystemClock.now_ms());
+            own_schema = Some((u.clone(), schema.clone()));
+            format!("{u}{sep}schema={schema}")
         }
         Some(u) => u.clone(),
         None => format!("sqlite:{}", tmp.path().join("bench.db").display()),
@@ -368,6 +372,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     report.peak_rss_bytes = rss_bytes().1;
     drop(stores);
+    if let Some((base, schema)) = own_schema {
+        drop_schema(&base, &schema).await;
+    }
 
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -406,4 +413,25 @@ fn print_table(r: &Report) {
 
 fn join(v: &[u64]) -> String {
     v.iter().map(|n| thousands(*n)).collect::<Vec<_>>().join(" / ")
+}
+
+/// Drops the schema a postgres run created for itself (best effort: a failure is reported, the
+/// results stand).
+async fn drop_schema(base: &str, schema: &str) {
+    #[cfg(feature = "postgres")]
+    {
+        let base = base.split_once('?').map_or(base, |(b, _)| b);
+        let res = async {
+            let pool = sqlx::PgPool::connect(base).await?;
+            sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&pool).await?;
+            pool.close().await;
+            Ok::<(), sqlx::Error>(())
+        }
+        .await;
+        if let Err(e) = res {
+            eprintln!("warning: could not drop the bench schema {schema}: {e}");
+        }
+    }
+    #[cfg(not(feature = "postgres"))]
+    let _ = (base, schema);
 }
