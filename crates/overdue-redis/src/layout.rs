@@ -29,13 +29,16 @@ impl GlobalKeys {
 /// they all live in the slot `CRC16("<prefix>:q:<queue>") mod 16384`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueKeys {
-    /// ZSET: member = timer key, score = due_at (ms). Every stored timer, claimed or not.
+    /// ZSET: member = timer key, score = due_at (ms). The pending timers (not claimed).
     pub due: String,
     /// HASH: field = timer key, value = the timer's record (generation, attempts, created,
     /// updated, payload).
     pub timers: String,
-    /// ZSET: member = timer key, score = lease_until (ms). Timers claimed at least once and
-    /// not settled since; a score `<= now` is an expired lease.
+    /// ZSET: member = timer key, score = due_at (ms). The claimed timers (moved here from
+    /// `due` by a claim, back by a retry or release).
+    pub fly: String,
+    /// ZSET: member = timer key, score = lease_until (ms). The same members as `fly`; a score
+    /// `<= now` is an expired lease, claimable again.
     pub lease: String,
     /// HASH: field = timer key, value = the node holding the lease.
     pub owner: String,
@@ -52,6 +55,7 @@ impl QueueKeys {
         QueueKeys {
             due: format!("{tag}:due"),
             timers: format!("{tag}:t"),
+            fly: format!("{tag}:fly"),
             lease: format!("{tag}:lease"),
             owner: format!("{tag}:owner"),
             error: format!("{tag}:err"),
@@ -59,8 +63,8 @@ impl QueueKeys {
         }
     }
 
-    /// The six keys in the order the scripts expect them.
-    pub fn all(&self) -> [&str; 6] {
-        [&self.due, &self.timers, &self.lease, &self.owner, &self.error, &self.dead]
+    /// The seven keys in the order the scripts expect them.
+    pub fn all(&self) -> [&str; 7] {
+        [&self.due, &self.timers, &self.fly, &self.lease, &self.owner, &self.error, &self.dead]
     }
 }

@@ -14,9 +14,10 @@
 //! | `P:queues` | SET | every queue that has had a timer (the scans walk these) |
 //! | `P:dlid` | STRING | the dead-letter id counter (`INCR`) |
 //! | `P:dlq` | HASH | dead-letter id → queue, so `replay(id)` finds the queue |
-//! | `{P:q:Q}:due` | ZSET | member = timer key, score = `due_at` ms: every stored timer of queue `Q`, claimed or not |
+//! | `{P:q:Q}:due` | ZSET | member = timer key, score = `due_at` ms: the pending (unclaimed) timers of queue `Q` |
 //! | `{P:q:Q}:t` | HASH | field = timer key, value = the record `<generation>,<attempts>,<created_at>,<updated_at - created_at>,<payload bytes>` |
-//! | `{P:q:Q}:lease` | ZSET | member = timer key, score = `lease_until` ms: claimed and not yet settled (a score `<= now` is an expired lease) |
+//! | `{P:q:Q}:fly` | ZSET | member = timer key, score = `due_at` ms: the claimed timers (a claim moves a member from `due` to here; retry and release move it back) |
+//! | `{P:q:Q}:lease` | ZSET | the same members as `fly`, score = `lease_until` ms (a score `<= now` is an expired lease: claimable again) |
 //! | `{P:q:Q}:owner` | HASH | field = timer key, value = the node that holds the lease |
 //! | `{P:q:Q}:err` | HASH | field = timer key, value = the last handler error (only after a failed attempt) |
 //! | `{P:q:Q}:dead` | ZSET | score = dead-letter id, member = `<id>,<generation>,<due_at>,<attempts>,<failed_at>,<key length>,<error length>,<key><error><payload>` |

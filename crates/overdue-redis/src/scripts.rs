@@ -1,13 +1,13 @@
 //! The Lua scripts. Every mutation is one script, so Redis runs it atomically (no other command
 //! runs while a script does).
 //!
-//! Each script gets the keys of the queues it touches as `KEYS`, six per queue in the order of
-//! [`crate::layout::QueueKeys::all`]: `due`, `t`, `lease`, `owner`, `err`, `dead`. A group
-//! starting at index `b` has `due = KEYS[b]`, `t = KEYS[b+1]`, and so on.
+//! Each script gets the keys of the queues it touches as `KEYS`, seven per queue in the order of
+//! [`crate::layout::QueueKeys::all`]: `due`, `t`, `fly`, `lease`, `owner`, `err`, `dead`. A
+//! group starting at index `b` has `due = KEYS[b]`, `t = KEYS[b+1]`, and so on.
 //!
 //! A timer's record (the field `key` of the `t` hash) is
 //! `<generation>,<attempts>,<created_at>,<updated - created>,<payload bytes>`; its due time is its
-//! score in `due`, so it is not repeated in the record.
+//! score in `due` (pending) or `fly` (claimed), so it is not repeated in the record.
 
 /// Helpers every script starts with.
 const PRELUDE: &str = r#"
@@ -23,12 +23,24 @@ local function drop(b, key)
   redis.call('ZREM', KEYS[b], key)
   redis.call('HDEL', KEYS[b + 1], key)
   redis.call('ZREM', KEYS[b + 2], key)
-  redis.call('HDEL', KEYS[b + 3], key)
+  redis.call('ZREM', KEYS[b + 3], key)
   redis.call('HDEL', KEYS[b + 4], key)
+  redis.call('HDEL', KEYS[b + 5], key)
 end
-local function unlease(b, key)
-  redis.call('ZREM', KEYS[b + 2], key)
-  redis.call('HDEL', KEYS[b + 3], key)
+-- Drops the claim and makes the timer pending again, due at due (or where it was).
+local function unlease(b, key, due)
+  local d = redis.call('ZSCORE', KEYS[b + 2], key)
+  if d then
+    redis.call('ZREM', KEYS[b + 2], key)
+    redis.call('ZREM', KEYS[b + 3], key)
+    redis.call('HDEL', KEYS[b + 4], key)
+  end
+  due = due or d
+  if due then redis.call('ZADD', KEYS[b], due, key) end
+end
+-- The due time of a stored timer, pending or in flight.
+local function due_of(b, key)
+  return redis.call('ZSCORE', KEYS[b], key) or redis.call('ZSCORE', KEYS[b + 2], key)
 end
 -- Byte-wise string order (Lua's < follows the server's locale).
 local function lt(x, y)
@@ -46,23 +58,32 @@ local function upsert(b, key, due, payload, g, now)
   if old then
     local _, _, c = parse(old)
     if c then created = c end
-    unlease(b, key)
+    redis.call('ZREM', KEYS[b + 2], key)
+    redis.call('ZREM', KEYS[b + 3], key)
     redis.call('HDEL', KEYS[b + 4], key)
+    redis.call('HDEL', KEYS[b + 5], key)
   end
   redis.call('HSET', KEYS[b + 1], key, record(fmt(g), 0, created, now, payload))
   redis.call('ZADD', KEYS[b], due, key)
 end
--- True if the timer's lease is live at now.
-local function leased(b, key, now)
-  local l = redis.call('ZSCORE', KEYS[b + 2], key)
-  return l and tonumber(l) > now
-end
--- Claims key (record v) for owner until lease_until; returns due, attempts, payload.
-local function take(b, key, v, owner, lease_until)
+-- If key (record v) is due at now and not under a live lease, claims it for owner until
+-- lease_until and returns due, attempts, payload.
+local function take(b, key, v, now, owner, lease_until)
+  local due = redis.call('ZSCORE', KEYS[b], key)
+  if due then
+    if tonumber(due) > now then return nil end
+    redis.call('ZREM', KEYS[b], key)
+    redis.call('ZADD', KEYS[b + 2], due, key)
+  else
+    local l = redis.call('ZSCORE', KEYS[b + 3], key)
+    if not l or tonumber(l) > now then return nil end
+    due = redis.call('ZSCORE', KEYS[b + 2], key)
+    if not due or tonumber(due) > now then return nil end
+  end
+  redis.call('ZADD', KEYS[b + 3], lease_until, key)
+  redis.call('HSET', KEYS[b + 4], key, owner)
   local g, a, c, du, e = parse(v)
-  redis.call('ZADD', KEYS[b + 2], lease_until, key)
-  redis.call('HSET', KEYS[b + 3], key, owner)
-  return redis.call('ZSCORE', KEYS[b], key), tonumber(a), string.sub(v, e + 1)
+  return due, tonumber(a), string.sub(v, e + 1)
 end
 "#;
 
@@ -77,7 +98,7 @@ local out = {}
 local o = 3 + nq
 for i = 0, n - 1 do
   local qi = tonumber(ARGV[o + 1])
-  upsert(3 + (qi - 1) * 6, ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], first + i, now)
+  upsert(3 + (qi - 1) * 7, ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], first + i, now)
   out[i + 1] = first + i
   o = o + 4
 end
@@ -107,8 +128,8 @@ return ng
 const GET: &str = r#"
 local v = redis.call('HGET', KEYS[2], ARGV[1])
 if not v then return false end
-return {v, redis.call('ZSCORE', KEYS[1], ARGV[1]), redis.call('ZSCORE', KEYS[3], ARGV[1]),
-        redis.call('HGET', KEYS[4], ARGV[1]), redis.call('HGET', KEYS[5], ARGV[1])}
+return {v, due_of(1, ARGV[1]), redis.call('ZSCORE', KEYS[4], ARGV[1]),
+        redis.call('HGET', KEYS[5], ARGV[1]), redis.call('HGET', KEYS[6], ARGV[1])}
 "#;
 
 /// KEYS: a group per queue. ARGV: now, lease_until, owner, then (queue index, key, generation)
@@ -119,12 +140,11 @@ local out = {}
 local i = 0
 for o = 4, #ARGV, 3 do
   i = i + 1
-  local b, key = 1 + (tonumber(ARGV[o]) - 1) * 6, ARGV[o + 1]
+  local b, key = 1 + (tonumber(ARGV[o]) - 1) * 7, ARGV[o + 1]
   local v = redis.call('HGET', KEYS[b + 1], key)
   if v and parse(v) == ARGV[o + 2] then
-    local due = redis.call('ZSCORE', KEYS[b], key)
-    if due and tonumber(due) <= now and not leased(b, key, now) then
-      local d, a, p = take(b, key, v, owner, lease_until)
+    local d, a, p = take(b, key, v, now, owner, lease_until)
+    if d then
       out[#out + 1] = i
       out[#out + 1] = d
       out[#out + 1] = a
@@ -136,26 +156,21 @@ return out
 "#;
 
 /// KEYS: a group per queue (queues in byte order). ARGV: now, due_before, limit, owner,
-/// lease_until. Finds up to limit due timers whose lease is free or expired, earliest first,
-/// and claims them. Returns (queue index, key, generation, due, attempts, payload) per claim.
+/// lease_until. Takes up to limit timers that are pending and due by due_before, or in flight
+/// under an expired lease, earliest first. Returns (queue index, key, generation, due,
+/// attempts, payload) per claim.
 const CLAIM_DUE: &str = r#"
 local now, due_before, limit, owner, lease_until =
   tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local cands = {}
-local page = 256
-for qi = 1, #KEYS / 6 do
-  local b = 1 + (qi - 1) * 6
-  local found, offset = 0, 0
-  while found < limit do
-    local r = redis.call('ZRANGEBYSCORE', KEYS[b], '-inf', due_before, 'WITHSCORES', 'LIMIT', offset, page)
-    for j = 1, #r, 2 do
-      if found < limit and not leased(b, r[j], now) then
-        cands[#cands + 1] = {tonumber(r[j + 1]), qi, r[j]}
-        found = found + 1
-      end
-    end
-    if #r < 2 * page then break end
-    offset = offset + page
+for qi = 1, #KEYS / 7 do
+  local b = 1 + (qi - 1) * 7
+  local r = redis.call('ZRANGEBYSCORE', KEYS[b], '-inf', due_before, 'WITHSCORES', 'LIMIT', 0, limit)
+  for j = 1, #r, 2 do cands[#cands + 1] = {tonumber(r[j + 1]), qi, r[j]} end
+  local x = redis.call('ZRANGEBYSCORE', KEYS[b + 3], '-inf', now, 'LIMIT', 0, limit)
+  for j = 1, #x do
+    local d = redis.call('ZSCORE', KEYS[b + 2], x[j])
+    if d and tonumber(d) <= tonumber(due_before) then cands[#cands + 1] = {tonumber(d), qi, x[j]} end
   end
 end
 table.sort(cands, function(x, y)
@@ -166,17 +181,19 @@ end)
 local out = {}
 for j = 1, math.min(limit, #cands) do
   local qi, key = cands[j][2], cands[j][3]
-  local b = 1 + (qi - 1) * 6
+  local b = 1 + (qi - 1) * 7
   local v = redis.call('HGET', KEYS[b + 1], key)
   if v then
     local g = parse(v)
-    local d, a, p = take(b, key, v, owner, lease_until)
-    out[#out + 1] = qi
-    out[#out + 1] = key
-    out[#out + 1] = tonumber(g)
-    out[#out + 1] = d
-    out[#out + 1] = a
-    out[#out + 1] = p
+    local d, a, p = take(b, key, v, now, owner, lease_until)
+    if d then
+      out[#out + 1] = qi
+      out[#out + 1] = key
+      out[#out + 1] = tonumber(g)
+      out[#out + 1] = d
+      out[#out + 1] = a
+      out[#out + 1] = p
+    end
   end
 end
 return out
@@ -191,7 +208,7 @@ local now, nq = ARGV[1], tonumber(ARGV[2])
 local applied = 0
 for o = 3 + nq, #ARGV, 7 do
   local kind, qi, key, gen = ARGV[o], tonumber(ARGV[o + 1]), ARGV[o + 2], ARGV[o + 3]
-  local b = 3 + (qi - 1) * 6
+  local b = 3 + (qi - 1) * 7
   local v = redis.call('HGET', KEYS[b + 1], key)
   if v then
     local g, a, c, du, e = parse(v)
@@ -200,19 +217,18 @@ for o = 3 + nq, #ARGV, 7 do
       if kind == 'D' then
         drop(b, key)
       elseif kind == 'L' then
-        unlease(b, key)
+        unlease(b, key, nil)
       elseif kind == 'R' then
         redis.call('HSET', KEYS[b + 1], key, record(g, ARGV[o + 5], c, now, string.sub(v, e + 1)))
-        redis.call('ZADD', KEYS[b], ARGV[o + 4], key)
-        redis.call('HSET', KEYS[b + 4], key, ARGV[o + 6])
-        unlease(b, key)
+        redis.call('HSET', KEYS[b + 5], key, ARGV[o + 6])
+        unlease(b, key, ARGV[o + 4])
       elseif kind == 'X' then
         local id = redis.call('INCR', KEYS[1])
-        local due = redis.call('ZSCORE', KEYS[b], key) or '0'
+        local due = due_of(b, key) or '0'
         local err = ARGV[o + 5]
         local m = fmt(id) .. ',' .. g .. ',' .. due .. ',' .. ARGV[o + 4] .. ',' .. ARGV[o + 6] .. ',' ..
           fmt(#key) .. ',' .. fmt(#err) .. ',' .. key .. err .. string.sub(v, e + 1)
-        redis.call('ZADD', KEYS[b + 5], id, m)
+        redis.call('ZADD', KEYS[b + 6], id, m)
         redis.call('HSET', KEYS[2], fmt(id), ARGV[2 + qi])
         drop(b, key)
       end
@@ -225,61 +241,65 @@ return applied
 /// KEYS: gen, dead-letter index, one group (from 3). ARGV: id, due_at, now. Moves the dead
 /// letter back into the timers with a new generation. Returns it, or nil.
 const REPLAY: &str = r#"
-local r = redis.call('ZRANGEBYSCORE', KEYS[8], ARGV[1], ARGV[1])
+local r = redis.call('ZRANGEBYSCORE', KEYS[9], ARGV[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 if #r == 0 then return false end
 local m = r[1]
 local _, e, id, g, d, a, f, kl, el = string.find(m, '^(%d+),(%d+),(%d+),(%d+),(%d+),(%d+),(%d+),')
 local key = string.sub(m, e + 1, e + tonumber(kl))
 local payload = string.sub(m, e + tonumber(kl) + tonumber(el) + 1)
-redis.call('ZREM', KEYS[8], m)
+redis.call('ZREM', KEYS[9], m)
 local ng = redis.call('INCR', KEYS[1])
+redis.call('ZREM', KEYS[3], key)
 upsert(3, key, ARGV[2], payload, ng, ARGV[3])
 return ng
 "#;
 
 /// KEYS: a group per queue. ARGV: until, limit, details (0/1), then per queue (mode, lo, key):
-/// mode `a` from -inf, `i` due >= lo, `x` due > lo, `k` (due, key) > (lo, key). Returns per
-/// timer (queue index, key, due, record-or-generation, lease_until, owner, last_error); without
-/// details only the first four, with the generation instead of the record.
+/// mode `a` from -inf, `i` due >= lo, `x` due > lo, `k` (due, key) > (lo, key). Reads the
+/// pending set and the in-flight set of each queue. Returns per timer (queue index, key, due,
+/// record-or-generation, lease_until, owner, last_error); without details only the first four,
+/// with the generation instead of the record.
 const RANGE: &str = r#"
 local upto, limit, details = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
-local out = {}
-for qi = 1, #KEYS / 6 do
-  local b = 1 + (qi - 1) * 6
-  local o = 4 + (qi - 1) * 3
-  local mode, lo, ck = ARGV[o], ARGV[o + 1], ARGV[o + 2]
-  local r
+local function rng(z, mode, lo, ck)
   if mode == 'k' then
-    local start = redis.call('ZCOUNT', KEYS[b], '-inf', '(' .. lo)
-    local hi = start + redis.call('ZCOUNT', KEYS[b], lo, lo)
+    local start = redis.call('ZCOUNT', z, '-inf', '(' .. lo)
+    local hi = start + redis.call('ZCOUNT', z, lo, lo)
     -- First rank in [start, hi) whose member sorts after ck (members of one score are in byte order).
     while start < hi do
       local mid = math.floor((start + hi) / 2)
-      local m = redis.call('ZRANGE', KEYS[b], mid, mid)[1]
+      local m = redis.call('ZRANGE', z, mid, mid)[1]
       if lt(ck, m) then hi = mid else start = mid + 1 end
     end
-    r = redis.call('ZRANGE', KEYS[b], start, start + limit - 1, 'WITHSCORES')
-  else
-    local min = '-inf'
-    if mode == 'i' then min = lo elseif mode == 'x' then min = '(' .. lo end
-    r = redis.call('ZRANGEBYSCORE', KEYS[b], min, upto, 'WITHSCORES', 'LIMIT', 0, limit)
+    return redis.call('ZRANGE', z, start, start + limit - 1, 'WITHSCORES')
   end
-  for j = 1, #r, 2 do
-    if tonumber(r[j + 1]) > tonumber(upto) then break end
-    local key = r[j]
-    local v = redis.call('HGET', KEYS[b + 1], key)
-    if v then
-      out[#out + 1] = qi
-      out[#out + 1] = key
-      out[#out + 1] = r[j + 1]
-      if details then
-        out[#out + 1] = v
-        out[#out + 1] = redis.call('ZSCORE', KEYS[b + 2], key)
-        out[#out + 1] = redis.call('HGET', KEYS[b + 3], key)
-        out[#out + 1] = redis.call('HGET', KEYS[b + 4], key)
-      else
-        out[#out + 1] = parse(v)
+  local min = '-inf'
+  if mode == 'i' then min = lo elseif mode == 'x' then min = '(' .. lo end
+  return redis.call('ZRANGEBYSCORE', z, min, upto, 'WITHSCORES', 'LIMIT', 0, limit)
+end
+local out = {}
+for qi = 1, #KEYS / 7 do
+  local b = 1 + (qi - 1) * 7
+  local o = 4 + (qi - 1) * 3
+  for _, z in ipairs({KEYS[b], KEYS[b + 2]}) do
+    local r = rng(z, ARGV[o], ARGV[o + 1], ARGV[o + 2])
+    for j = 1, #r, 2 do
+      if tonumber(r[j + 1]) > tonumber(upto) then break end
+      local key = r[j]
+      local v = redis.call('HGET', KEYS[b + 1], key)
+      if v then
+        out[#out + 1] = qi
+        out[#out + 1] = key
+        out[#out + 1] = r[j + 1]
+        if details then
+          out[#out + 1] = v
+          out[#out + 1] = redis.call('ZSCORE', KEYS[b + 3], key)
+          out[#out + 1] = redis.call('HGET', KEYS[b + 4], key)
+          out[#out + 1] = redis.call('HGET', KEYS[b + 5], key)
+        else
+          out[#out + 1] = parse(v)
+        end
       end
     end
   end
@@ -290,11 +310,11 @@ return out
 /// KEYS: a group per queue. ARGV: now. Returns (stored, live leases, dead) per queue.
 const COUNTS: &str = r#"
 local out = {}
-for qi = 1, #KEYS / 6 do
-  local b = 1 + (qi - 1) * 6
-  out[#out + 1] = redis.call('ZCARD', KEYS[b])
-  out[#out + 1] = redis.call('ZCOUNT', KEYS[b + 2], '(' .. ARGV[1], '+inf')
-  out[#out + 1] = redis.call('ZCARD', KEYS[b + 5])
+for qi = 1, #KEYS / 7 do
+  local b = 1 + (qi - 1) * 7
+  out[#out + 1] = redis.call('ZCARD', KEYS[b]) + redis.call('ZCARD', KEYS[b + 2])
+  out[#out + 1] = redis.call('ZCOUNT', KEYS[b + 3], '(' .. ARGV[1], '+inf')
+  out[#out + 1] = redis.call('ZCARD', KEYS[b + 6])
 end
 return out
 "#;
@@ -303,8 +323,8 @@ return out
 /// letter, each queue's in id order.
 const DEAD: &str = r#"
 local out = {}
-for qi = 1, #KEYS / 6 do
-  local r = redis.call('ZRANGEBYSCORE', KEYS[(qi - 1) * 6 + 6], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
+for qi = 1, #KEYS / 7 do
+  local r = redis.call('ZRANGEBYSCORE', KEYS[qi * 7], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
   for j = 1, #r do
     out[#out + 1] = qi
     out[#out + 1] = r[j]

@@ -9,6 +9,7 @@
 //! | `sqlite:PATH` / `sqlite://PATH` | embedded SQLite ([`sqlite::SqliteStore`]) | `sqlite` (default) |
 //! | `postgres://…` / `postgresql://…` | PostgreSQL, shared by many nodes ([`postgres::PgStore`]) | `postgres` |
 //! | `mysql://…` | MariaDB 10.6+ (MySQL protocol), shared by many nodes ([`mysql::MysqlStore`]) | `mysql` |
+//! | `redis://…` | Redis 7 sorted sets and Lua claims, shared by many nodes ([`redis::RedisStore`]) | `redis` |
 //!
 //! Later backends (Redis, brokers) add rows here and arms to [`open`].
 
@@ -47,6 +48,12 @@ pub mod mysql {
     pub use overdue_mysql::*;
 }
 
+/// The Redis sorted-set store.
+#[cfg(feature = "redis")]
+pub mod redis {
+    pub use overdue_redis::*;
+}
+
 /// The default store URL: an SQLite file under `./overdue-data/`.
 pub const DEFAULT_STORE_URL: &str = "sqlite:overdue-data/overdue.db";
 
@@ -66,6 +73,9 @@ pub fn built_in() -> Vec<&'static str> {
     if cfg!(feature = "mysql") {
         v.push("mysql://HOST/DB");
     }
+    if cfg!(feature = "redis") {
+        v.push("redis://HOST:PORT/DB");
+    }
     v
 }
 
@@ -80,6 +90,8 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
         "postgres" | "postgresql" => Ok(Arc::new(overdue_postgres::PgStore::open_url(url).await?)),
         #[cfg(feature = "mysql")]
         "mysql" => Ok(Arc::new(overdue_mysql::MysqlStore::open_url(url).await?)),
+        #[cfg(feature = "redis")]
+        "redis" => Ok(Arc::new(overdue_redis::RedisStore::open_url(url).await?)),
         _ if KNOWN_SCHEMES.contains(&scheme) => {
             Err(Error::Config(format!(
                 "the {scheme}:// backend is not built into this version of overdue (build it with the cargo \
