@@ -9,7 +9,9 @@
 //! - [`clock`]: time is injected. [`SystemClock`] is the only code that reads the wall clock;
 //!   [`ManualClock`] is advanced by tests so that engine tests run in virtual time;
 //! - [`store`]: the [`Store`] trait a backend implements, with its claim/lease contract;
-//! - [`error`]: one `#[non_exhaustive]` error type.
+//! - [`error`]: one `#[non_exhaustive]` error type;
+//! - [`shared`]: what the stores several nodes share have in common (partition hash, node URL
+//!   parameters), without a driver.
 //!
 //! This crate imports no database, broker or network driver. Backends live in their own crates
 //! and depend on this one; the engine depends on this one and on no backend.
@@ -18,6 +20,7 @@ pub mod clock;
 pub mod error;
 pub mod limits;
 pub mod model;
+pub mod shared;
 pub mod store;
 pub mod trigger;
 

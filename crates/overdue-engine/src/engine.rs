@@ -835,8 +835,9 @@ impl Shared {
         }
     }
 
-    /// Takes permits for one chunk of due references and claims it, retrying store failures
-    /// with backoff. `None` when the engine stops claiming (permits given back). Returns the
+    /// Takes permits for one chunk of due references and claims it, retrying transient store
+    /// failures with backoff. `None` when the engine stops claiming or the failure is permanent
+    /// (permits given back). Returns the
     /// chunk size, the claims and their lease end.
     async fn claim_chunk(&self, chunk: &[TimerRef]) -> Option<(usize, Vec<Claimed>, i64)> {
         let n = chunk.len();
@@ -851,6 +852,13 @@ impl Shared {
             match res {
                 Ok(c) => return Some((n, c, self.lease_until(now))),
                 Err(e) => {
+                    if !e.is_transient() {
+                        // Retrying cannot help and would stall the driver: give these wake-ups
+                        // up (the backstop fires the timers once they are overdue).
+                        tracing::error!(error = %e, n, "claim failed permanently; leaving these timers to the backstop");
+                        self.permits.add_permits(n);
+                        return None;
+                    }
                     tracing::warn!(error = %e, "claim failed; retrying");
                     if self.stop_claiming.is_cancelled() {
                         self.permits.add_permits(n);

@@ -81,18 +81,15 @@ use overdue_core::{
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPoolOptions, MySqlRow};
 use sqlx::{MySqlPool, Row};
 
+use overdue_core::shared::redact;
+
 use self::partitions::{Ownership, placeholders};
 pub use self::partitions::{PARTITIONS, partition_of};
 pub use self::schema::LATEST_VERSION;
 
 /// The backend name in errors and capabilities.
 pub(crate) const BACKEND: &str = "mysql";
-/// Default most connections per node.
-pub const DEFAULT_POOL: u32 = 16;
-/// Default partition lease.
-pub const DEFAULT_PARTITION_LEASE: Duration = Duration::from_secs(10);
-/// Shortest partition lease accepted (heartbeats every third of it).
-pub const MIN_PARTITION_LEASE: Duration = Duration::from_millis(300);
+pub use overdue_core::shared::{DEFAULT_PARTITION_LEASE, DEFAULT_POOL, MIN_PARTITION_LEASE, NodeOptions};
 /// How long opening waits for a connection before failing.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a call waits for a free pooled connection before failing (transiently).
@@ -103,24 +100,10 @@ const MAX_PLACEHOLDERS: usize = 65_535;
 const STATEMENT_OVERHEAD: usize = 64 * 1024;
 
 /// How to open a [`MysqlStore`]; [`MysqlOptions::from_url`] reads these from the URL.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct MysqlOptions {
-    /// Most connections.
-    pub pool: u32,
-    /// Name in partition leases; `None` picks a unique one.
-    pub node: Option<String>,
-    /// Partition lease length.
-    pub partition_lease: Duration,
-}
-
-impl Default for MysqlOptions {
-    fn default() -> Self {
-        MysqlOptions {
-            pool: DEFAULT_POOL,
-            node: None,
-            partition_lease: DEFAULT_PARTITION_LEASE,
-        }
-    }
+    /// Pool size, node name and partition lease.
+    pub node: NodeOptions,
 }
 
 impl MysqlOptions {
@@ -157,33 +140,7 @@ impl MysqlOptions {
                             .to_owned(),
                     ));
                 }
-                "pool" => {
-                    opts.pool = v
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=1000).contains(n))
-                        .ok_or_else(|| {
-                            bad(format!("pool={v:?} must be a whole number from 1 to 1000"))
-                        })?;
-                }
-                "node" => {
-                    if v.is_empty() || v.chars().count() > 200 || v.chars().any(char::is_control) {
-                        return Err(bad(format!(
-                            "node={v:?} must be 1-200 printable characters"
-                        )));
-                    }
-                    opts.node = Some(v.to_owned());
-                }
-                "partition_lease_ms" => {
-                    let ms: u64 = v
-                        .parse()
-                        .ok()
-                        .filter(|ms| *ms >= MIN_PARTITION_LEASE.as_millis() as u64 && *ms <= 3_600_000)
-                        .ok_or_else(|| {
-                            bad(format!("partition_lease_ms={v:?} must be a whole number from 300 to 3600000"))
-                        })?;
-                    opts.partition_lease = Duration::from_millis(ms);
-                }
+                _ if opts.node.take("mysql", k, v)? => {}
                 _ => rest.push(pair),
             }
         }
@@ -271,21 +228,6 @@ impl fmt::Debug for MysqlStore {
     }
 }
 
-fn random_node() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default();
-    let host = if host.is_empty() {
-        "node".to_owned()
-    } else {
-        host
-    };
-    format!(
-        "{host}-{}-{:06x}",
-        std::process::id(),
-        rand::random::<u32>() & 0xff_ffff
-    )
-}
 
 type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
@@ -299,10 +241,10 @@ impl MysqlStore {
     /// Connects, migrates, and takes this node's first share of the partitions before
     /// returning, so a single node owns every partition from its first call.
     pub async fn open(driver_url: &str, opts: MysqlOptions) -> Result<MysqlStore> {
-        if opts.partition_lease < MIN_PARTITION_LEASE {
+        if opts.node.partition_lease < MIN_PARTITION_LEASE {
             return Err(Error::Config(format!(
                 "partition lease {:?} is below the minimum of {MIN_PARTITION_LEASE:?}",
-                opts.partition_lease
+                opts.node.partition_lease
             )));
         }
         let connect: MySqlConnectOptions = driver_url.parse().map_err(|e: sqlx::Error| {
@@ -310,7 +252,7 @@ impl MysqlStore {
         })?;
         let connect = connect.timezone(Some("+00:00".to_owned()));
         let pool = MySqlPoolOptions::new()
-            .max_connections(opts.pool)
+            .max_connections(opts.node.pool)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(|conn, _meta| {
                 Box::pin(async move {
@@ -352,10 +294,10 @@ impl MysqlStore {
         let max_packet = usize::try_from(max_packet)
             .unwrap_or(usize::MAX)
             .max(1024 * 1024);
-        let node = opts.node.clone().unwrap_or_else(random_node);
+        let node = opts.node.node_name();
         let inner = Arc::new(Inner {
             pool,
-            ownership: Ownership::new(node, opts.partition_lease),
+            ownership: Ownership::new(node, opts.node.partition_lease),
             healthy: AtomicBool::new(true),
             statement_budget: max_packet / 2,
             max_payload: max_packet.saturating_sub(STATEMENT_OVERHEAD),
@@ -517,20 +459,21 @@ fn chunks<T>(
     out
 }
 
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    let end = url.find('?').unwrap_or(url.len());
-    match (url.find("://"), url[..end].rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let cred = &url[s + 3..at];
-            match cred.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
+
+/// The update half of every upsert. Generations are reserved before the write (in their own
+/// short statement), so two upserts of one key can commit in the opposite order to their
+/// generations; the one with the larger generation wins whichever commits last, exactly as if
+/// it had been written last, and a stored generation never goes down. `generation` is assigned
+/// last: MySQL evaluates the assignments left to right and later ones see earlier results.
+const NEWER_WINS: &str = "part = IF(VALUES(generation) > generation, VALUES(part), part), \
+     due_at = IF(VALUES(generation) > generation, VALUES(due_at), due_at), \
+     payload = IF(VALUES(generation) > generation, VALUES(payload), payload), \
+     attempts = IF(VALUES(generation) > generation, 0, attempts), \
+     last_error = IF(VALUES(generation) > generation, NULL, last_error), \
+     lease_owner = IF(VALUES(generation) > generation, NULL, lease_owner), \
+     lease_until = IF(VALUES(generation) > generation, NULL, lease_until), \
+     updated_at = IF(VALUES(generation) > generation, VALUES(updated_at), updated_at), \
+     generation = GREATEST(generation, VALUES(generation))";
 
 const TIMER_COLUMNS: &str = "queue, `key`, due_at, payload, generation, attempts, last_error, lease_owner, \
                              lease_until, created_at, updated_at";
@@ -781,9 +724,7 @@ impl MysqlStore {
                 let sql = format!(
                     "INSERT INTO timers (queue, `key`, part, due_at, payload, generation, attempts, last_error, \
                      lease_owner, lease_until, created_at, updated_at) VALUES {} \
-                     ON DUPLICATE KEY UPDATE part = VALUES(part), due_at = VALUES(due_at), payload = VALUES(payload), \
-                     generation = VALUES(generation), attempts = 0, last_error = NULL, lease_owner = NULL, \
-                     lease_until = NULL, updated_at = VALUES(updated_at)",
+                     ON DUPLICATE KEY UPDATE {NEWER_WINS}",
                     (0..chunk.len())
                         .map(|_| "(?, ?, ?, ?, ?, ?, 0, NULL, NULL, NULL, ?, ?)")
                         .collect::<Vec<_>>()
@@ -977,14 +918,12 @@ impl MysqlStore {
             let queue = text(&row, 0)?;
             let key = text(&row, 1)?;
             let payload: Vec<u8> = row.try_get(2)?;
-            sqlx::query(
+            sqlx::query(&format!(
                 "INSERT INTO timers (queue, `key`, part, due_at, payload, generation, attempts, last_error, \
                  lease_owner, lease_until, created_at, updated_at) \
                  VALUES (?, ?, ?, ?, ?, ?, 0, NULL, NULL, NULL, ?, ?) \
-                 ON DUPLICATE KEY UPDATE due_at = VALUES(due_at), payload = VALUES(payload), \
-                 generation = VALUES(generation), attempts = 0, last_error = NULL, lease_owner = NULL, \
-                 lease_until = NULL, updated_at = VALUES(updated_at)",
-            )
+                 ON DUPLICATE KEY UPDATE {NEWER_WINS}"
+            ))
             .bind(&queue)
             .bind(&key)
             .bind(partition_of(&queue, &key))
@@ -1052,18 +991,31 @@ impl Store for MysqlStore {
         let g = self.track(r)?;
         let r = sqlx::query(
             "UPDATE timers SET due_at = ?, generation = ?, attempts = 0, last_error = NULL, lease_owner = NULL, \
-             lease_until = NULL, updated_at = ? WHERE queue = ? AND `key` = ?",
+             lease_until = NULL, updated_at = ? WHERE queue = ? AND `key` = ? AND generation < ?",
         )
         .bind(due_at)
         .bind(g)
         .bind(now)
         .bind(queue)
         .bind(key)
+        .bind(g)
         .execute(&self.inner.pool)
         .await
         .map_err(my_err);
         let done = self.track(r)?;
-        Ok((done.rows_affected() > 0).then_some(g as u64))
+        if done.rows_affected() > 0 {
+            return Ok(Some(g as u64));
+        }
+        // Nothing moved: either there is no such timer, or an upsert with a newer generation
+        // (reserved after ours) committed first — then ours counts as applied and at once
+        // superseded, as if it had come first (see NEWER_WINS).
+        let exists = sqlx::query("SELECT 1 FROM timers WHERE queue = ? AND `key` = ?")
+            .bind(queue)
+            .bind(key)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(my_err)?;
+        Ok(exists.map(|_| g as u64))
     }
 
     async fn get(&self, queue: &str, key: &str, now: i64) -> Result<Option<Timer>> {
@@ -1342,15 +1294,15 @@ mod tests {
         let (o, d) =
             MysqlOptions::from_url("mysql://u:p@127.0.0.1:3306/test?ssl-mode=disabled&pool=4&node=n1&partition_lease_ms=900")
                 .expect("valid");
-        assert_eq!((o.pool, o.node.as_deref()), (4, Some("n1")));
-        assert_eq!(o.partition_lease, Duration::from_millis(900));
+        assert_eq!((o.node.pool, o.node.node.as_deref()), (4, Some("n1")));
+        assert_eq!(o.node.partition_lease, Duration::from_millis(900));
         assert_eq!(d, "mysql://u:p@127.0.0.1:3306/test?ssl-mode=disabled");
         let (o, d) = MysqlOptions::from_url("mysql://127.0.0.1/test").expect("valid");
         assert_eq!(
-            (o.pool, o.node, d.as_str()),
+            (o.node.pool, o.node.node, d.as_str()),
             (DEFAULT_POOL, None, "mysql://127.0.0.1/test")
         );
-        assert_eq!(o.partition_lease, DEFAULT_PARTITION_LEASE);
+        assert_eq!(o.node.partition_lease, DEFAULT_PARTITION_LEASE);
     }
 
     #[test]

@@ -42,32 +42,11 @@ use sqlx::{MySqlPool, Row};
 
 use crate::my_err;
 
-/// Number of partitions. Fixed at database creation (recorded in `overdue_meta`); 64 lets up
-/// to 64 nodes share the work, at one tiny row each.
-pub const PARTITIONS: i32 = 64;
+pub use overdue_core::shared::{PARTITIONS, partition_of};
 
 /// The database clock in milliseconds since the Unix epoch, as SQL (sessions run in UTC, so
 /// `UNIX_TIMESTAMP` of a local time is unambiguous).
 pub(crate) const DB_NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
-
-/// The partition of a timer identity: FNV-1a (64-bit) over the queue, a 0xff separator (a byte
-/// no UTF-8 text contains) and the key, modulo [`PARTITIONS`]. Stable across versions and
-/// platforms: it is stored in each row. Identical to `overdue_postgres::partition_of`.
-pub fn partition_of(queue: &str, key: &str) -> i32 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h = OFFSET;
-    for b in queue
-        .as_bytes()
-        .iter()
-        .chain(std::iter::once(&0xff))
-        .chain(key.as_bytes())
-    {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(PRIME);
-    }
-    (h % PARTITIONS as u64) as i32
-}
 
 /// `?, ?, …` with `n` placeholders.
 pub(crate) fn placeholders(n: usize) -> String {
@@ -254,32 +233,6 @@ impl Ownership {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn partition_is_stable_and_in_range() {
-        // Pinned values: the partition is stored in rows, so the hash must never change (and
-        // must equal the PostgreSQL store's).
-        assert_eq!(partition_of("order.close", "o-1"), 53);
-        assert_eq!(partition_of("order.remind", "o-1"), 14);
-        assert_eq!(partition_of("q", "a"), 40);
-        assert_eq!(partition_of("q", ""), 25);
-        let mut seen = [0u32; PARTITIONS as usize];
-        for i in 0..64_000 {
-            let p = partition_of("order.close", &format!("o-{i}"));
-            assert!((0..PARTITIONS).contains(&p), "partition {p} out of range");
-            seen[p as usize] += 1;
-        }
-        // Roughly even: every partition within ±20 % of the mean (1,000).
-        assert!(
-            seen.iter().all(|&n| (800..=1200).contains(&n)),
-            "uneven partitions: {seen:?}"
-        );
-        // The separator keeps ("a", "bc") and ("ab", "c") apart.
-        let pairs = (0..200).filter(|i| {
-            partition_of(&format!("q{i}"), "xk") != partition_of(&format!("q{i}x"), "k")
-        });
-        assert!(pairs.count() > 150);
-    }
 
     #[test]
     fn placeholders_are_comma_separated() {

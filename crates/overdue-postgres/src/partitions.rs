@@ -39,26 +39,10 @@ use sqlx::{PgPool, Row};
 
 use crate::pg_err;
 
-/// Number of partitions. Fixed at database creation (recorded in `overdue_meta`); 64 lets up
-/// to 64 nodes share the work, at one tiny row each.
-pub const PARTITIONS: i32 = 64;
+pub use overdue_core::shared::{PARTITIONS, partition_of};
 
 /// The database clock in milliseconds since the Unix epoch, as SQL.
 pub(crate) const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
-
-/// The partition of a timer identity: FNV-1a (64-bit) over the queue, a 0xff separator (a byte
-/// no UTF-8 text contains) and the key, modulo [`PARTITIONS`]. Stable across versions and
-/// platforms: it is stored in each row.
-pub fn partition_of(queue: &str, key: &str) -> i32 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h = OFFSET;
-    for b in queue.as_bytes().iter().chain(std::iter::once(&0xff)).chain(key.as_bytes()) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(PRIME);
-    }
-    (h % PARTITIONS as u64) as i32
-}
 
 /// This node's share of the partitions.
 #[derive(Debug)]
@@ -199,32 +183,5 @@ impl Ownership {
         sqlx::query("DELETE FROM overdue_nodes WHERE node = $1").bind(&self.node).execute(pool).await.map_err(pg_err)?;
         self.publish(Vec::new());
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partition_is_stable_and_in_range() {
-        // Pinned values: the partition is stored in rows, so the hash must never change.
-        assert_eq!(partition_of("order.close", "o-1"), 53);
-        assert_eq!(partition_of("order.remind", "o-1"), 14);
-        assert_eq!(partition_of("q", "a"), 40);
-        assert_eq!(partition_of("q", ""), 25);
-        let mut seen = [0u32; PARTITIONS as usize];
-        for i in 0..64_000 {
-            let p = partition_of("order.close", &format!("o-{i}"));
-            assert!((0..PARTITIONS).contains(&p), "partition {p} out of range");
-            seen[p as usize] += 1;
-        }
-        // Roughly even: every partition within ±20 % of the mean (1,000).
-        assert!(seen.iter().all(|&n| (800..=1200).contains(&n)), "uneven partitions: {seen:?}");
-        // The separator keeps ("a", "bc") and ("ab", "c") apart.
-        let pairs = (0..200).filter(|i| {
-            partition_of(&format!("q{i}"), "xk") != partition_of(&format!("q{i}x"), "k")
-        });
-        assert!(pairs.count() > 150);
     }
 }
