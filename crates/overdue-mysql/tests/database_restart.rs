@@ -12,19 +12,13 @@
 //! under `CI` their absence fails the test.
 #![cfg(unix)]
 
-use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use overdue_core::{Clock, Firing, Outcome, Store, SystemClock, TimerSpec};
-use overdue_engine::{Engine, EngineConfig, QueueConfig, TriggerKind};
 use overdue_mysql::MysqlStore;
-use parking_lot::Mutex;
 
-/// How long the server stays down.
-const OUTAGE: Duration = Duration::from_secs(5);
 const MARIADBD: &str = "/usr/sbin/mariadbd";
 
 /// A throwaway server: data directory and port of its own.
@@ -119,100 +113,8 @@ async fn a_database_restart_loses_nothing() {
     sqlx::query("CREATE DATABASE IF NOT EXISTS test").execute(&admin).await.expect("create database");
     admin.close().await;
     let store = MysqlStore::open_url(&format!("{}?pool=8&partition_lease_ms=2000", server.url())).await.expect("open");
-    let fired: Arc<Mutex<HashMap<String, (i64, i64)>>> = Arc::default();
-    let f2 = fired.clone();
-    let engine = Arc::new(
-        Engine::builder(Arc::new(store.clone()) as Arc<dyn Store>)
-            .config(EngineConfig { trigger: TriggerKind::Wheel, lease: Duration::from_secs(10), ..EngineConfig::default() })
-            .default_queue_config(QueueConfig { timeout: Duration::from_secs(5), ..QueueConfig::default() })
-            .handler(
-                "q",
-                QueueConfig { timeout: Duration::from_secs(5), ..QueueConfig::default() },
-                move |f: Firing| {
-                    let fired = f2.clone();
-                    async move {
-                        fired.lock().entry(f.key.clone()).or_insert((f.due_at, f.fired_at));
-                        Outcome::Done
-                    }
-                },
-            )
-            .start()
-            .await
-            .expect("engine"),
-    );
-
-    // A producer schedules 20 timers every 50 ms, each due 0.5-2.5 s later, and remembers the
-    // ones whose schedule returned Ok. It runs across the outage.
-    let acked: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
-    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let producing = Duration::from_secs(4) + OUTAGE + Duration::from_secs(3);
-    let producer = {
-        let (engine, acked, failed) = (engine.clone(), acked.clone(), failed.clone());
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let mut i = 0u64;
-            while started.elapsed() < producing {
-                let now = SystemClock.now_ms();
-                let specs: Vec<TimerSpec> = (i..i + 20)
-                    .map(|j| TimerSpec::new("q", format!("k{j}"), now + 500 + (j as i64 * 97) % 2_000))
-                    .collect();
-                let ids: Vec<(String, i64)> = specs.iter().map(|s| (s.key.clone(), s.due_at)).collect();
-                match engine.schedule_batch(specs).await {
-                    Ok(_) => acked.lock().extend(ids),
-                    Err(_) => {
-                        failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-                i += 20;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
-
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let fired_before = fired.lock().len();
-    assert!(fired_before > 0, "nothing fired before the outage");
-    server.stop();
-    tokio::time::sleep(OUTAGE).await;
-    let during = engine.stats();
-    server.start();
-    producer.await.expect("producer");
-
-    // Everything acknowledged fires: wait for the last due time plus the backstop's reach.
-    let acked: Vec<(String, i64)> = acked.lock().clone();
-    let last_due = acked.iter().map(|(_, d)| *d).max().unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let want: HashSet<&str> = acked.iter().map(|(k, _)| k.as_str()).collect();
-    loop {
-        let missing = {
-            let f = fired.lock();
-            want.iter().filter(|k| !f.contains_key(**k)).count()
-        };
-        if missing == 0 && SystemClock.now_ms() > last_due {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{missing} acknowledged timers never fired after the restart");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let f = fired.lock().clone();
-    let early: Vec<_> = f.iter().filter(|(_, (due, at))| at < due).collect();
-    assert!(early.is_empty(), "timers fired early: {early:?}");
-    assert!(!during.store_healthy && during.store_errors > 0, "the outage did not show in the stats: {during:?}");
-    let after = engine.stats();
-    assert!(after.store_healthy, "the store is still reported unhealthy after it came back: {after:?}");
+    let server = std::cell::RefCell::new(server);
+    overdue_testkit::outage::outage("mysql", Arc::new(store.clone()), || server.borrow_mut().stop(), || server.borrow_mut().start())
+        .await;
     assert!(store.healthy(), "the partition heartbeat did not recover");
-    eprintln!(
-        "database restart: {} acknowledged timers, all fired; {} schedule calls refused during the outage; \
-         {} store errors counted; {} rescued by the backstop; lateness p99 {} ms, max {} ms",
-        acked.len(),
-        failed.load(std::sync::atomic::Ordering::Relaxed),
-        after.store_errors,
-        after.backstop_rescued,
-        after.lateness.p99_ms,
-        after.lateness.max_ms
-    );
-    let engine = Arc::try_unwrap(engine).ok();
-    if let Some(e) = engine {
-        e.shutdown(Duration::from_secs(5)).await;
-    }
 }

@@ -15,6 +15,7 @@
 
 pub mod loopback;
 pub mod memory;
+pub mod outage;
 pub mod suite;
 
 use std::sync::Arc;
