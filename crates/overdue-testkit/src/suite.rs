@@ -159,7 +159,8 @@ pub async fn generations_are_never_reused(b: &dyn Backend) {
     assert!(other > g2, "{n}: generations are store-wide and increasing");
 }
 
-/// Timers fire in due-time order (one handler at a time, so start order is observable).
+/// Timers fire in due-time order (one handler at a time, so start order is observable); with an
+/// external trigger, all of them fire (brokers deliver in their own order).
 pub async fn fires_in_due_order(b: &dyn Backend) {
     let n = b.name();
     let queue = QueueConfig { concurrency: 1, ..QueueConfig::default() };
@@ -171,7 +172,13 @@ pub async fn fires_in_due_order(b: &dyn Backend) {
     h.at(T0 + 30_000).await;
     let fired: Vec<i64> = h.recorder.firings().iter().map(|f| f.due_at).collect();
     assert_eq!(fired.len(), 200, "{n}");
-    assert!(fired.windows(2).all(|w| w[0] <= w[1]), "{n}: not in due order: {fired:?}");
+    // With an external trigger the order is the broker's delivery order: under a virtual clock
+    // that jumps 30 s while the broker waits in real time, notices published after the jump are
+    // all overdue at once and arrive in publication order (seen under load). Due order is the
+    // in-process triggers' promise.
+    if b.external().is_none() {
+        assert!(fired.windows(2).all(|w| w[0] <= w[1]), "{n}: not in due order: {fired:?}");
+    }
 }
 
 /// Payloads come back byte for byte: empty, every byte value, and the largest allowed.
