@@ -64,20 +64,18 @@ pub struct Queries {
     /// `created_at = updated_at = now`; an existing row keeps `created_at`, and its attempts,
     /// last error and lease are reset.
     pub upsert_timer: &'static str,
-    /// Removes a timer: `(queue, key)`, returning the removed `generation`.
-    pub cancel_timer: &'static str,
     /// Reads a timer's `generation`: `(queue, key)`.
     pub lock_timer: &'static str,
     /// Moves a timer, keeping its payload: `(queue, key, due_at, generation, now)`. Clears the
     /// lease, attempts and last error. Affects 0 rows if there is no such timer.
     pub reschedule_timer: &'static str,
     /// Claims one generation: `(queue, key, generation, now, owner, lease_until)`. Applies only if
-    /// the generation matches, `due_at <= now` and the lease is empty or expired. Returns
-    /// `(payload, attempts, due_at)` (`due_at` because a retry moves it without changing the
-    /// generation).
+    /// the generation matches, `due_at <= now` and the lease is empty or expired; returns
+    /// nothing (no `RETURNING`: SQLite builds a temporary table for every `RETURNING`), so the
+    /// claimed row is read with [`Queries::claimed_row`] in the same transaction.
     pub claim_timer: &'static str,
-    /// The `(payload, attempts, due_at)` of a timer just claimed: `(queue, key)` (used by the
-    /// batched claim, which runs [`Queries::claim_timer`] without its `RETURNING`).
+    /// The `(payload, attempts, due_at)` of a timer just claimed: `(queue, key)` (`due_at`
+    /// because a retry moves it without changing the generation).
     pub claimed_row: &'static str,
     /// Finds and claims due, unclaimed timers in one statement: `(due_before, now, limit, owner,
     /// lease_until)`, returning `(queue, key, generation, due_at, payload, attempts)` in no
@@ -337,15 +335,13 @@ const SQLITE: Queries = Queries {
                    payload = excluded.payload, generation = excluded.generation, attempts = 0, \
                    last_error = NULL, lease_owner = NULL, lease_until = NULL, \
                    updated_at = excluded.updated_at",
-    cancel_timer: "DELETE FROM timers WHERE queue = ?1 AND key = ?2 RETURNING generation",
     lock_timer: "SELECT generation FROM timers WHERE queue = ?1 AND key = ?2",
     reschedule_timer: "UPDATE timers SET due_at = ?3, generation = ?4, attempts = 0, last_error = NULL, \
                        lease_owner = NULL, lease_until = NULL, updated_at = ?5 \
                        WHERE queue = ?1 AND key = ?2",
     claim_timer: "UPDATE timers SET lease_owner = ?5, lease_until = ?6 \
                   WHERE queue = ?1 AND key = ?2 AND generation = ?3 AND due_at <= ?4 \
-                  AND (lease_until IS NULL OR lease_until <= ?4) \
-                  RETURNING payload, attempts, due_at",
+                  AND (lease_until IS NULL OR lease_until <= ?4)",
     claimed_row: "SELECT payload, attempts, due_at FROM timers WHERE queue = ?1 AND key = ?2",
     claim_due: "UPDATE timers SET lease_owner = ?4, lease_until = ?5 WHERE (queue, key) IN ( \
                 SELECT queue, key FROM timers \

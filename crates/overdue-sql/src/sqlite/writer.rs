@@ -320,11 +320,6 @@ fn attempts_out(attempts: i64) -> u32 {
 
 /// `(queue, key, generation, due_at)`: one notice for the external trigger's relay.
 const OUTBOX_INSERT: &str = "INSERT INTO timer_outbox (queue, key, generation, due_at) VALUES (?1, ?2, ?3, ?4)";
-/// `Q.claim_timer` without its `RETURNING` (the claimed row is read with `Q.claimed_row`):
-/// `(queue, key, generation, now, owner, lease_until)`.
-const CLAIM_TIMER: &str = "UPDATE timers SET lease_owner = ?5, lease_until = ?6 \
-     WHERE queue = ?1 AND key = ?2 AND generation = ?3 AND due_at <= ?4 \
-     AND (lease_until IS NULL OR lease_until <= ?4)";
 /// `(seq)`.
 const OUTBOX_DELETE: &str = "DELETE FROM timer_outbox WHERE seq = ?1";
 /// `(limit)`: the oldest notices.
@@ -470,7 +465,7 @@ impl<'a> WriteCtx<'a> {
     ) -> Result<Vec<Claimed>> {
         // A plain conditional UPDATE, then a point read of what it claimed: SQLite buffers
         // `UPDATE … RETURNING` rows in an ephemeral table whose setup costs more than the read.
-        let mut stmt = self.conn.prepare_cached(CLAIM_TIMER).store_err("claim")?;
+        let mut stmt = self.conn.prepare_cached(Q.claim_timer).store_err("claim")?;
         let mut read = self.conn.prepare_cached(Q.claimed_row).store_err("claim")?;
         let mut out = Vec::new();
         for t in timers {
