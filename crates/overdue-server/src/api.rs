@@ -637,8 +637,13 @@ async fn healthz(State(st): St) -> Response {
     let trigger = st.engine.config().trigger.as_str();
     match tokio::time::timeout(HEALTH_TIMEOUT, st.engine.counts()).await {
         Ok(Ok(_)) => {
-            Json(serde_json::json!({"status": "ok", "store": store, "trigger": trigger, "node_id": st.engine.node_id()}))
-                .into_response()
+            // The probe answered; the engine's own store calls may still have failed lately.
+            let stats = st.engine.stats();
+            Json(serde_json::json!({
+                "status": "ok", "store": store, "trigger": trigger, "node_id": st.engine.node_id(),
+                "store_errors": stats.store_errors, "store_healthy": stats.store_healthy,
+            }))
+            .into_response()
         }
         Ok(Err(e)) => unhealthy(store, ApiErrorCode::StoreError, e.to_string()),
         Err(_) => unhealthy(store, ApiErrorCode::StoreError, format!("the store did not answer within {HEALTH_TIMEOUT:?}")),

@@ -55,6 +55,8 @@ pub(crate) fn install() -> &'static PrometheusHandle {
         // Export the unlabelled counters from the start: a rescue count of 0 is information.
         metrics::counter!("overdue_backstop_rescued_total").increment(0);
         metrics::counter!("overdue_metrics_scrape_errors_total").increment(0);
+        metrics::counter!("overdue_store_errors_total").increment(0);
+        metrics::gauge!("overdue_store_healthy").set(1.0);
         handle
     })
 }
@@ -85,6 +87,8 @@ fn describe() {
     describe_counter!("overdue_http_requests_total", "HTTP requests, per method, route and status.");
     describe_histogram!("overdue_http_request_duration_seconds", metrics::Unit::Seconds, "HTTP request latency.");
     describe_counter!("overdue_metrics_scrape_errors_total", "Scrapes whose store-backed gauges could not be read.");
+    describe_counter!("overdue_store_errors_total", "Store calls of the engine (loads, claims, scans, settlements) that failed.");
+    describe_gauge!("overdue_store_healthy", "0 from a failed engine store call until the next one succeeds, else 1.");
 }
 
 /// Per-app scrape state: the queues seen before, so a queue that emptied shows 0, not its

@@ -40,6 +40,8 @@ async fn metrics_show_engine_order_and_http_series_after_traffic() {
         "overdue_handler_failures_total{queue=\"metrics.q\"}",
         "overdue_dead_letters_total{queue=\"metrics.q\"}",
         "overdue_backstop_rescued_total",
+        "overdue_store_errors_total 0",
+        "overdue_store_healthy 1",
         "overdue_timers_pending{queue=\"order.close\"} 1",
         "overdue_dead_letters_stored{queue=\"metrics.q\"} 1",
         "overdue_orders{status=\"paid\"} 1",
@@ -97,6 +99,7 @@ async fn healthz_reports_ok_without_a_token() {
     assert_eq!(v["status"], "ok");
     assert_eq!(v["store"], "sqlite");
     assert_eq!(v["trigger"], "wheel");
+    assert_eq!((v["store_healthy"].as_bool(), v["store_errors"].as_u64()), (Some(true), Some(0)), "{v}");
     s.stop().await;
 }
 
