@@ -111,6 +111,75 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// A node's share of the partitions, as the store last agreed it with the database: the
+/// driver-free half of the partition protocol (each store runs its own SQL for the other half
+/// and [`PartitionState::publish`]es the result).
+#[derive(Debug)]
+pub struct PartitionState {
+    /// This node's name in partition leases.
+    pub node: String,
+    /// How long a partition lease (and a node's heartbeat) lasts.
+    pub lease: Duration,
+    /// Sorted partition numbers this node owns.
+    owned: std::sync::RwLock<std::sync::Arc<Vec<i32>>>,
+    epoch: std::sync::atomic::AtomicU64,
+    live_nodes: std::sync::atomic::AtomicU64,
+}
+
+impl PartitionState {
+    /// No partitions yet, epoch 0.
+    pub fn new(node: String, lease: Duration) -> Self {
+        PartitionState {
+            node,
+            lease,
+            owned: std::sync::RwLock::new(std::sync::Arc::new(Vec::new())),
+            epoch: std::sync::atomic::AtomicU64::new(0),
+            live_nodes: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Period between heartbeats: a third of the lease, so two can fail before it lapses.
+    pub fn heartbeat(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// The partitions owned, sorted.
+    pub fn owned(&self) -> std::sync::Arc<Vec<i32>> {
+        self.owned.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Changes whenever the owned set changes (`Store::ownership_epoch`).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Live nodes counted at the last heartbeat.
+    pub fn live_nodes(&self) -> u64 {
+        self.live_nodes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records the live nodes just counted (at least 1: this one) and returns this node's share,
+    /// `ceil(PARTITIONS / live)`.
+    pub fn share_of(&self, live: i64) -> i64 {
+        let live = live.max(1);
+        self.live_nodes.store(live as u64, std::sync::atomic::Ordering::Relaxed);
+        (i64::from(PARTITIONS) + live - 1) / live
+    }
+
+    /// Sets the owned set (sorted here), bumping the epoch if it changed. Returns the set and
+    /// whether it changed.
+    pub fn publish(&self, mut owned: Vec<i32>) -> (std::sync::Arc<Vec<i32>>, bool) {
+        owned.sort_unstable();
+        let mut cur = self.owned.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = **cur != owned;
+        if changed {
+            *cur = std::sync::Arc::new(owned);
+            self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        (cur.clone(), changed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +216,19 @@ mod tests {
             assert!(e.contains("invalid mysql url") && e.contains(k), "{k}={v}: {e}");
         }
         assert_ne!(random_node_name(), random_node_name());
+    }
+
+    #[test]
+    fn partition_state_bumps_its_epoch_only_on_change() {
+        let st = PartitionState::new("n".into(), Duration::from_secs(3));
+        assert_eq!((st.epoch(), st.heartbeat(), st.share_of(0), st.live_nodes()), (0, Duration::from_secs(1), 64, 1));
+        assert_eq!(st.share_of(3), 22);
+        let (set, changed) = st.publish(vec![5, 1, 3]);
+        assert_eq!((set.as_slice(), changed, st.epoch()), (&[1, 3, 5][..], true, 1));
+        assert!(!st.publish(vec![3, 5, 1]).1, "the same set in another order is no change");
+        assert_eq!(st.epoch(), 1);
+        assert!(st.publish(Vec::new()).1);
+        assert_eq!((st.epoch(), st.owned().len()), (2, 0));
     }
 
     #[test]

@@ -34,15 +34,14 @@
 //! agree on the time.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::RwLock;
 use sqlx::{MySqlPool, Row};
 
 use crate::my_err;
 
 pub use overdue_core::shared::{PARTITIONS, partition_of};
+use overdue_core::shared::PartitionState;
 
 /// The database clock in milliseconds since the Unix epoch, as SQL (sessions run in UTC, so
 /// `UNIX_TIMESTAMP` of a local time is unambiguous).
@@ -60,47 +59,23 @@ pub(crate) fn placeholders(n: usize) -> String {
     s
 }
 
-/// This node's share of the partitions.
+/// This node's share of the partitions: the driver-free state from `overdue-core`, and the
+/// MariaDB half of the protocol below.
 #[derive(Debug)]
-pub(crate) struct Ownership {
-    pub(crate) node: String,
-    /// How long a partition lease (and a node's heartbeat) lasts.
-    pub(crate) lease: Duration,
-    /// Sorted partition numbers this node owns.
-    owned: RwLock<Arc<Vec<i32>>>,
-    epoch: AtomicU64,
-    /// Live nodes counted at the last heartbeat.
-    live_nodes: AtomicU64,
+pub(crate) struct Ownership(PartitionState);
+
+impl std::ops::Deref for Ownership {
+    type Target = PartitionState;
+    fn deref(&self) -> &PartitionState {
+        &self.0
+    }
 }
 
 type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 impl Ownership {
     pub(crate) fn new(node: String, lease: Duration) -> Self {
-        Ownership {
-            node,
-            lease,
-            owned: RwLock::new(Arc::new(Vec::new())),
-            epoch: AtomicU64::new(0),
-            live_nodes: AtomicU64::new(0),
-        }
-    }
-
-    /// Period between heartbeats: a third of the lease, so two can fail before it lapses.
-    pub(crate) fn heartbeat(&self) -> Duration {
-        self.lease / 3
-    }
-
-    pub(crate) fn owned(&self) -> Arc<Vec<i32>> {
-        self.owned.read().clone()
-    }
-
-    pub(crate) fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn live_nodes(&self) -> u64 {
-        self.live_nodes.load(Ordering::Relaxed)
+        Ownership(PartitionState::new(node, lease))
     }
 
     /// One round of the protocol in the module docs. Returns the partitions owned afterwards.
@@ -110,7 +85,7 @@ impl Ownership {
     ) -> BoxFut<'a, overdue_core::Result<Arc<Vec<i32>>>> {
         Box::pin(async move {
             let owned = self.round(pool).await.map_err(my_err)?;
-            Ok(self.publish(owned))
+            Ok(self.publish_logged(owned))
         })
     }
 
@@ -130,9 +105,7 @@ impl Ownership {
         .fetch_one(pool)
         .await?
         .try_get(0)?;
-        let live = live.max(1);
-        self.live_nodes.store(live as u64, Ordering::Relaxed);
-        let share = (i64::from(PARTITIONS) + live - 1) / live;
+        let share = self.share_of(live);
 
         // Renew, then read back what is still ours (no UPDATE … RETURNING on MariaDB).
         sqlx::query(&format!(
@@ -195,15 +168,13 @@ impl Ownership {
         Ok(owned)
     }
 
-    /// Sets the owned set, bumping the epoch if it changed.
-    fn publish(&self, owned: Vec<i32>) -> Arc<Vec<i32>> {
-        let mut cur = self.owned.write();
-        if **cur != owned {
-            *cur = Arc::new(owned);
-            self.epoch.fetch_add(1, Ordering::AcqRel);
+    /// Publishes the owned set, logging a change.
+    fn publish_logged(&self, owned: Vec<i32>) -> Arc<Vec<i32>> {
+        let (cur, changed) = self.publish(owned);
+        if changed {
             tracing::info!(node = %self.node, partitions = cur.len(), "partition ownership changed");
         }
-        cur.clone()
+        cur
     }
 
     /// Gives every partition back (graceful close), so other nodes take them at their next round.
@@ -224,7 +195,7 @@ impl Ownership {
                 .execute(pool)
                 .await
                 .map_err(my_err)?;
-            self.publish(Vec::new());
+            self.publish_logged(Vec::new());
             Ok(())
         })
     }

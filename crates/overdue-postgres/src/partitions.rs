@@ -31,58 +31,33 @@
 //! Lease times come from the database clock, so nodes need not agree on the time.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::RwLock;
 use sqlx::{PgPool, Row};
 
 use crate::pg_err;
 
 pub use overdue_core::shared::{PARTITIONS, partition_of};
+use overdue_core::shared::PartitionState;
 
 /// The database clock in milliseconds since the Unix epoch, as SQL.
 pub(crate) const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
-/// This node's share of the partitions.
+/// This node's share of the partitions: the driver-free state from `overdue-core`, and the
+/// PostgreSQL half of the protocol below.
 #[derive(Debug)]
-pub(crate) struct Ownership {
-    pub(crate) node: String,
-    /// How long a partition lease (and a node's heartbeat) lasts.
-    pub(crate) lease: Duration,
-    /// Sorted partition numbers this node owns.
-    owned: RwLock<Arc<Vec<i32>>>,
-    epoch: AtomicU64,
-    /// Live nodes counted at the last heartbeat.
-    live_nodes: AtomicU64,
+pub(crate) struct Ownership(PartitionState);
+
+impl std::ops::Deref for Ownership {
+    type Target = PartitionState;
+    fn deref(&self) -> &PartitionState {
+        &self.0
+    }
 }
 
 impl Ownership {
     pub(crate) fn new(node: String, lease: Duration) -> Self {
-        Ownership {
-            node,
-            lease,
-            owned: RwLock::new(Arc::new(Vec::new())),
-            epoch: AtomicU64::new(0),
-            live_nodes: AtomicU64::new(0),
-        }
-    }
-
-    /// Period between heartbeats: a third of the lease, so two can fail before it lapses.
-    pub(crate) fn heartbeat(&self) -> Duration {
-        self.lease / 3
-    }
-
-    pub(crate) fn owned(&self) -> Arc<Vec<i32>> {
-        self.owned.read().clone()
-    }
-
-    pub(crate) fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn live_nodes(&self) -> u64 {
-        self.live_nodes.load(Ordering::Relaxed)
+        Ownership(PartitionState::new(node, lease))
     }
 
     /// One round of the protocol in the module docs. Returns the partitions owned afterwards.
@@ -105,9 +80,7 @@ impl Ownership {
         .map_err(pg_err)?
         .try_get(0)
         .map_err(pg_err)?;
-        let live = live.max(1);
-        self.live_nodes.store(live as u64, Ordering::Relaxed);
-        let share = (i64::from(PARTITIONS) + live - 1) / live;
+        let share = self.share_of(live);
 
         let mut owned: Vec<i32> = sqlx::query(&format!(
             "UPDATE overdue_partitions SET lease_until = {DB_NOW_MS} + $2 WHERE owner = $1 RETURNING part"
@@ -158,19 +131,16 @@ impl Ownership {
             .execute(pool)
             .await
             .map_err(pg_err)?;
-        owned.sort_unstable();
-        Ok(self.publish(owned))
+        Ok(self.publish_logged(owned))
     }
 
-    /// Sets the owned set, bumping the epoch if it changed.
-    fn publish(&self, owned: Vec<i32>) -> Arc<Vec<i32>> {
-        let mut cur = self.owned.write();
-        if **cur != owned {
-            *cur = Arc::new(owned);
-            self.epoch.fetch_add(1, Ordering::AcqRel);
+    /// Publishes the owned set, logging a change.
+    fn publish_logged(&self, owned: Vec<i32>) -> Arc<Vec<i32>> {
+        let (cur, changed) = self.publish(owned);
+        if changed {
             tracing::info!(node = %self.node, partitions = cur.len(), "partition ownership changed");
         }
-        cur.clone()
+        cur
     }
 
     /// Gives every partition back (graceful close), so other nodes take them at their next round.
@@ -181,7 +151,7 @@ impl Ownership {
             .await
             .map_err(pg_err)?;
         sqlx::query("DELETE FROM overdue_nodes WHERE node = $1").bind(&self.node).execute(pool).await.map_err(pg_err)?;
-        self.publish(Vec::new());
+        self.publish_logged(Vec::new());
         Ok(())
     }
 }
