@@ -68,7 +68,7 @@ async fn owners_in_db(store: &MysqlStore) -> Vec<(String, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_split_hand_over_and_take_over() {
-    let Some(url) = common::fresh_url("partition_lease_ms=600").await else {
+    let Some(url) = common::fresh_url("partition_lease_ms=2000").await else {
         return;
     };
     let a = open(&url, "node-a").await;
@@ -103,7 +103,7 @@ async fn three_nodes_split_hand_over_and_take_over() {
     );
     eprintln!("after close: {two:?}");
 
-    // b vanishes without closing: its leases run out (600 ms on the database clock) and a
+    // b vanishes without closing: its leases run out (2 s on the database clock) and a
     // takes everything. Polled in real time, bounded.
     drop(b);
     let start = Instant::now();
@@ -113,8 +113,8 @@ async fn three_nodes_split_hand_over_and_take_over() {
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(4),
-            "a took only {} partitions in 4 s",
+            start.elapsed() < Duration::from_secs(10),
+            "a took only {} partitions in 10 s",
             owned.len()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
