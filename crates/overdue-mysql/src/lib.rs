@@ -93,7 +93,7 @@ pub use overdue_core::shared::{DEFAULT_PARTITION_LEASE, DEFAULT_POOL, MIN_PARTIT
 /// How long opening waits for a connection before failing.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a call waits for a free pooled connection before failing (transiently).
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most placeholders in one prepared statement (the protocol counts them in 16 bits).
 const MAX_PLACEHOLDERS: usize = 65_535;
 /// Bytes of a statement besides its bound values, allowed for when checking payload sizes.

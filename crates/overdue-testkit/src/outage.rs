@@ -74,9 +74,27 @@ pub async fn outage(what: &str, store: Arc<dyn Store>, stop: impl FnOnce(), star
     let fired_before = fired.lock().len();
     assert!(fired_before > 0, "nothing fired before the outage");
     stop();
-    tokio::time::sleep(OUTAGE).await;
-    let during = engine.stats();
+    // Watch the engine's store health through the outage and the reconnect after it: a store
+    // call fails only once its wait for a connection times out, so the moment it shows depends
+    // on the store's timeouts and the machine's load.
+    let mut during: Option<overdue_engine::EngineStats> = None;
+    let watch = |during: &mut Option<overdue_engine::EngineStats>| {
+        let s = engine.stats();
+        if !s.store_healthy && during.is_none() {
+            *during = Some(s);
+        }
+    };
+    let outage_started = Instant::now();
+    while outage_started.elapsed() < OUTAGE {
+        watch(&mut during);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     start();
+    let back = Instant::now();
+    while during.is_none() && back.elapsed() < Duration::from_secs(3) {
+        watch(&mut during);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     producer.await.expect("producer");
 
     // Everything acknowledged fires: wait for the last due time plus the backstop's reach.
@@ -98,7 +116,8 @@ pub async fn outage(what: &str, store: Arc<dyn Store>, stop: impl FnOnce(), star
     let f = fired.lock().clone();
     let early: Vec<_> = f.iter().filter(|(_, (due, at))| at < due).collect();
     assert!(early.is_empty(), "timers fired early: {early:?}");
-    assert!(!during.store_healthy && during.store_errors > 0, "the outage did not show in the stats: {during:?}");
+    let during = during.unwrap_or_else(|| panic!("{what}: the outage never showed in the stats: {:?}", engine.stats()));
+    assert!(during.store_errors > 0 && during.store_error.is_some(), "{what}: {during:?}");
     let after = engine.stats();
     assert!(after.store_healthy, "the store is still reported unhealthy after it came back: {after:?}");
     eprintln!(
