@@ -61,8 +61,9 @@ const SETTLER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const EXTERNAL_SETTLE_WAIT: Duration = Duration::from_secs(3);
 /// Longest pause between retries of a failing store call in the background tasks.
 const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
-/// Claim calls of one pass in flight at once. Two keeps a shared database's second connection
-/// (and core) busy while the first claim commits; more buys nothing on two cores.
+/// Claim calls of one pass in flight at once. Two keep a shared database's second connection
+/// (and core) busy while the first claim commits (PostgreSQL 200k burst: 13–16k/s with one,
+/// 29k/s with two, `overdue bench` in docs/benchmarks.md); larger values are not measured.
 const CLAIM_PIPELINE: usize = 2;
 
 /// Builds and starts an [`Engine`].

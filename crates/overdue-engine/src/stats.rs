@@ -108,6 +108,8 @@ pub(crate) struct Stats {
     pub(crate) resident: AtomicU64,
     pub(crate) published: AtomicU64,
     pub(crate) store_errors: AtomicU64,
+    /// Set by a failed store call, cleared by the next success (the fast path reads only this).
+    store_unhealthy: std::sync::atomic::AtomicBool,
     /// `Some(message)` from a failed store call until the next success.
     store_error: Mutex<Option<String>>,
     lateness: Mutex<Histogram<u64>>,
@@ -133,6 +135,7 @@ impl Stats {
             resident: AtomicU64::new(0),
             published: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
+            store_unhealthy: std::sync::atomic::AtomicBool::new(false),
             store_error: Mutex::new(None),
             lateness: Mutex::new(hist),
         }
@@ -151,7 +154,10 @@ impl Stats {
     /// the next success.
     pub(crate) fn store_result<T>(&self, r: &overdue_core::Result<T>) {
         match r {
+            // The common case, on every claim and settlement: one relaxed load, no lock.
+            Ok(_) if !self.store_unhealthy.load(Relaxed) => {}
             Ok(_) => {
+                self.store_unhealthy.store(false, Relaxed);
                 let mut cur = self.store_error.lock();
                 if cur.is_some() {
                     *cur = None;
@@ -164,6 +170,9 @@ impl Stats {
                 metrics::counter!("overdue_store_errors_total").increment(1);
                 metrics::gauge!("overdue_store_healthy").set(0.0);
                 *self.store_error.lock() = Some(e.to_string());
+                // After the message: a success racing with this failure then either sees the
+                // flag and clears both, or misses it and leaves both set for the next success.
+                self.store_unhealthy.store(true, Relaxed);
             }
         }
     }
