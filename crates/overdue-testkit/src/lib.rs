@@ -23,7 +23,8 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 pub use overdue_core::ManualClock;
 use overdue_core::{Firing, Outcome, Result, Store};
-use overdue_engine::{Engine, EngineConfig, QueueConfig, TriggerKind};
+pub use overdue_engine::TriggerKind;
+use overdue_engine::{Engine, EngineConfig, QueueConfig};
 use parking_lot::Mutex;
 
 /// A backend under test: how to open (and re-open) its store, and which trigger to run.
@@ -151,6 +152,26 @@ impl Harness {
         self.clock.set(t);
         self.engine.settle().await;
     }
+}
+
+/// For a backend on a server: one module per trigger (`wheel`, `heap`, `scan`), each with the
+/// whole suite on a backend from `$fresh(trigger).await`, an `Option` — `None` (server
+/// unreachable outside CI) skips the test. `$fresh` is a path, e.g. `crate::common::Pg::fresh`.
+#[macro_export]
+macro_rules! conformance_tests_per_trigger {
+    ($fresh:path) => {
+        $crate::conformance_tests_per_trigger!(@one $fresh; wheel, Wheel);
+        $crate::conformance_tests_per_trigger!(@one $fresh; heap, Heap);
+        $crate::conformance_tests_per_trigger!(@one $fresh; scan, Scan);
+    };
+    (@one $fresh:path; $module:ident, $kind:ident) => {
+        mod $module {
+            $crate::conformance_tests!(match $fresh($crate::TriggerKind::$kind).await {
+                Some(backend) => backend,
+                None => return,
+            });
+        }
+    };
 }
 
 /// Expands to one `#[tokio::test]` per clause of the contract, each on a fresh backend built
