@@ -180,6 +180,26 @@ impl PartitionState {
     }
 }
 
+/// Runs `round` every `period` (after a first wait) for as long as `owner` lives: the
+/// partition heartbeat of a shared store. The task holds only a `Weak`, so dropping the store
+/// ends it; the store keeps the handle to abort it on close. Needs a tokio runtime.
+pub fn spawn_heartbeat<T: Send + Sync + 'static>(
+    period: Duration,
+    owner: std::sync::Weak<T>,
+    round: fn(std::sync::Arc<T>) -> futures::future::BoxFuture<'static, ()>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(owner) = owner.upgrade() else { return };
+            round(owner).await;
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -304,23 +304,14 @@ impl MysqlStore {
             heartbeat: parking_lot::Mutex::new(None),
         });
         inner.ownership.rebalance(&inner.pool).await?;
-        let weak = Arc::downgrade(&inner);
-        let period = inner.ownership.heartbeat();
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                match inner.ownership.rebalance(&inner.pool).await {
-                    Ok(_) => inner.healthy.store(true, Ordering::Relaxed),
-                    Err(e) => {
-                        inner.healthy.store(false, Ordering::Relaxed);
-                        tracing::warn!(error = %e, "mysql partition heartbeat failed; retrying");
-                    }
+        let task = overdue_core::shared::spawn_heartbeat(inner.ownership.heartbeat(), Arc::downgrade(&inner), |inner| {
+            Box::pin(async move {
+                let round = inner.ownership.rebalance(&inner.pool).await;
+                inner.healthy.store(round.is_ok(), Ordering::Relaxed);
+                if let Err(e) = round {
+                    tracing::warn!(error = %e, "mysql partition heartbeat failed; retrying");
                 }
-            }
+            })
         });
         *inner.heartbeat.lock() = Some(task);
         Ok(MysqlStore { inner })
