@@ -78,6 +78,7 @@
 //! Every other parameter goes to the driver (`protocol=resp3`, …). `rediss://` (TLS) is not
 //! built in.
 
+pub mod keyspace;
 pub mod layout;
 mod scripts;
 
@@ -95,6 +96,7 @@ use overdue_core::{
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+pub use self::keyspace::KeyspaceTrigger;
 pub use self::layout::{GlobalKeys, QueueKeys};
 use self::scripts::Scripts;
 
