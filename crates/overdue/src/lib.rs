@@ -10,6 +10,7 @@
 //! | `postgres://…` / `postgresql://…` | PostgreSQL, shared by many nodes ([`postgres::PgStore`]) | `postgres` |
 //! | `mysql://…` | MariaDB 10.6+ (MySQL protocol), shared by many nodes ([`mysql::MysqlStore`]) | `mysql` |
 //! | `redis://…` | Redis 7 sorted sets and Lua claims, shared by many nodes ([`redis::RedisStore`]) | `redis` |
+//! | `redisson://…` | Redisson's `RDelayedQueue` keys, shared with Java services ([`redisson::RedissonStore`]) | `redisson` |
 //!
 //! Later backends (Redis, brokers) add rows here and arms to [`open`].
 
@@ -54,6 +55,12 @@ pub mod redis {
     pub use overdue_redis::*;
 }
 
+/// The Redisson RDelayedQueue-compatible store.
+#[cfg(feature = "redisson")]
+pub mod redisson {
+    pub use overdue_redisson::*;
+}
+
 /// The default store URL: an SQLite file under `./overdue-data/`.
 pub const DEFAULT_STORE_URL: &str = "sqlite:overdue-data/overdue.db";
 
@@ -76,6 +83,9 @@ pub fn built_in() -> Vec<&'static str> {
     if cfg!(feature = "redis") {
         v.push("redis://HOST:PORT/DB");
     }
+    if cfg!(feature = "redisson") {
+        v.push("redisson://HOST:PORT/DB?queue=NAME&codec=string|json|bytes");
+    }
     v
 }
 
@@ -92,6 +102,8 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
         "mysql" => Ok(Arc::new(overdue_mysql::MysqlStore::open_url(url).await?)),
         #[cfg(feature = "redis")]
         "redis" => Ok(Arc::new(overdue_redis::RedisStore::open_url(url).await?)),
+        #[cfg(feature = "redisson")]
+        "redisson" => Ok(Arc::new(overdue_redisson::RedissonStore::open_url(url).await?)),
         _ if KNOWN_SCHEMES.contains(&scheme) => {
             Err(Error::Config(format!(
                 "the {scheme}:// backend is not built into this version of overdue (build it with the cargo \
