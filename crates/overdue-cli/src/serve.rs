@@ -73,11 +73,11 @@ pub async fn run(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.order.remind_before = Duration::from_secs(args.remind_before_secs);
     cfg.order.auto_confirm_after = Duration::from_secs(args.auto_confirm_secs);
     cfg.order.refund_auto_approve_after = Duration::from_secs(args.refund_auto_approve_secs);
-    let app = App::start(cfg).await.with_context(|| format!("starting on {}", args.backend))?;
+    let app = App::start(cfg).await.with_context(|| format!("starting on {}", overdue::redact_url(&args.backend)))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    eprintln!("overdue serving on http://{} (backend {}, trigger {})", args.listen, args.backend, args.trigger);
+    eprintln!("overdue serving on http://{} (backend {}, trigger {})", args.listen, overdue::redact_url(&args.backend), args.trigger);
     let shutdown = async {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]

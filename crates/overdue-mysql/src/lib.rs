@@ -362,6 +362,33 @@ impl MysqlStore {
         self.inner.ownership.release_all(&self.inner.pool).await
     }
 
+    /// Schedules `timers` inside the caller's transaction (`conn` has one open): the rows commit
+    /// or roll back with the caller's own. This is how the order service writes an order and its
+    /// close timer atomically. The generations are reserved first in their own short autocommit
+    /// statement on another pooled connection (as [`Store::schedule`] does), so a rolled-back
+    /// caller leaves a gap in the generations, never a reuse. Hand the returned refs to
+    /// `Engine::track` after the commit.
+    pub async fn schedule_in(&self, conn: &mut sqlx::MySqlConnection, timers: Vec<TimerSpec>, now: i64) -> Result<Vec<u64>> {
+        if timers.is_empty() {
+            return Ok(Vec::new());
+        }
+        for t in &timers {
+            self.check_payload(t.payload.len())?;
+        }
+        let r = self.reserve(timers.len()).await.map_err(my_err);
+        let first = self.track(r)?;
+        let r = self.schedule_tx(&timers, first, now, Some(conn)).await.map_err(my_err);
+        self.track(r)?;
+        Ok((0..timers.len()).map(|i| (first + i as i64) as u64).collect())
+    }
+
+    /// Deletes a timer inside the caller's transaction (see [`MysqlStore::schedule_in`]); the
+    /// generation it had, if it existed.
+    pub async fn cancel_in(&self, conn: &mut sqlx::MySqlConnection, queue: &str, key: &str) -> Result<Option<u64>> {
+        let r = delete(conn, queue, key).await;
+        self.track(r)
+    }
+
     fn track<T>(&self, r: Result<T>) -> Result<T> {
         match &r {
             Err(e) if e.is_transient() => self.inner.healthy.store(false, Ordering::Relaxed),
@@ -450,6 +477,18 @@ fn chunks<T>(
     out
 }
 
+
+/// The delete behind [`Store::cancel`] and [`MysqlStore::cancel_in`], on any executor
+/// (MariaDB has `DELETE … RETURNING`).
+async fn delete<'e>(exec: impl sqlx::MySqlExecutor<'e>, queue: &str, key: &str) -> Result<Option<u64>> {
+    let row = sqlx::query("DELETE FROM timers WHERE queue = ? AND `key` = ? RETURNING generation")
+        .bind(queue)
+        .bind(key)
+        .fetch_optional(exec)
+        .await
+        .map_err(my_err)?;
+    row.map(|r| r.try_get::<i64, _>(0).map(|g| g as u64)).transpose().map_err(my_err)
+}
 
 /// The update half of every upsert. Generations are reserved before the write (in their own
 /// short statement), so two upserts of one key can commit in the opposite order to their
@@ -697,6 +736,7 @@ impl MysqlStore {
         timers: &'a [TimerSpec],
         first: i64,
         now: i64,
+        mut outer: Option<&'a mut sqlx::MySqlConnection>,
     ) -> BoxFut<'a, std::result::Result<(), sqlx::Error>> {
         Box::pin(async move {
             // Rows go in identity order (each keeps the generation of its input position), so
@@ -706,7 +746,9 @@ impl MysqlStore {
             let chunks = self.chunks(&indexed, 8, 0, |(_, t)| {
                 t.queue.len() + t.key.len() + t.payload.len()
             });
-            let mut tx = if chunks.len() > 1 {
+            // Inside the caller's transaction (`outer`) every chunk runs on its connection;
+            // otherwise several chunks get a transaction of their own.
+            let mut tx = if outer.is_none() && chunks.len() > 1 {
                 Some(self.inner.pool.begin().await?)
             } else {
                 None
@@ -733,9 +775,10 @@ impl MysqlStore {
                         .bind(now)
                         .bind(now);
                 }
-                match tx.as_mut() {
-                    Some(tx) => q.execute(&mut **tx).await?,
-                    None => q.execute(&self.inner.pool).await?,
+                match (outer.as_deref_mut(), tx.as_mut()) {
+                    (Some(conn), _) => q.execute(conn).await?,
+                    (None, Some(tx)) => q.execute(&mut **tx).await?,
+                    (None, None) => q.execute(&self.inner.pool).await?,
                 };
             }
             if let Some(tx) = tx {
@@ -950,7 +993,7 @@ impl Store for MysqlStore {
         }
         let r = self.reserve(timers.len()).await.map_err(my_err);
         let first = self.track(r)?;
-        let r = self.schedule_tx(&timers, first, now).await.map_err(my_err);
+        let r = self.schedule_tx(&timers, first, now, None).await.map_err(my_err);
         self.track(r)?;
         Ok((0..timers.len())
             .map(|i| (first + i as i64) as u64)
@@ -958,17 +1001,8 @@ impl Store for MysqlStore {
     }
 
     async fn cancel(&self, queue: &str, key: &str) -> Result<Option<u64>> {
-        let r =
-            sqlx::query("DELETE FROM timers WHERE queue = ? AND `key` = ? RETURNING generation")
-                .bind(queue)
-                .bind(key)
-                .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(my_err);
-        let row = self.track(r)?;
-        row.map(|r| r.try_get::<i64, _>(0).map(|g| g as u64))
-            .transpose()
-            .map_err(my_err)
+        let r = delete(&self.inner.pool, queue, key).await;
+        self.track(r)
     }
 
     async fn reschedule(

@@ -1,7 +1,9 @@
 //! # overdue-orders
 //!
 //! The order service a shop runs, built on the overdue engine. See `../shared/DESIGN.md`
-//! (Orders) and `docs/orders.md`.
+//! (Orders) and `docs/orders.md`. The orders live in the database of the timer store: the
+//! embedded SQLite store, or PostgreSQL / MySQL with the features `postgres` / `mysql`
+//! ([`OrderBackend`]).
 //!
 //! - tables `products`, `orders`, `order_items`, `order_events` (`UNIQUE(order_id, kind)`: a
 //!   transition happens once), `outbox`;
@@ -39,14 +41,19 @@
 //! # Ok(()) }
 //! ```
 
+mod db;
 pub mod error;
+mod machine;
 pub mod model;
 mod read;
 pub mod schema;
 pub mod service;
 mod sql;
+mod sqlite;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+mod sqlx_db;
 mod validate;
 
 pub use error::{OrderError, Result};
 pub use model::*;
-pub use service::OrderService;
+pub use service::{OrderBackend, OrderService};

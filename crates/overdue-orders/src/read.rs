@@ -217,24 +217,32 @@ fn counts(conn: &Connection, text: &str) -> Result<Vec<(String, u64)>> {
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>().store_err("count")?)
 }
 
-/// Every known event kind (zero when absent), then any unknown kinds found.
+/// Event counts per kind from a `GROUP BY` query.
 pub(crate) fn transition_counts(conn: &Connection) -> Result<Vec<(String, u64)>> {
-    let found = counts(conn, sql::TRANSITION_COUNTS)?;
+    counts(conn, sql::TRANSITION_COUNTS)
+}
+
+/// Order counts per status from a `GROUP BY` query.
+pub(crate) fn status_counts(conn: &Connection) -> Result<Vec<(String, u64)>> {
+    counts(conn, sql::STATUS_COUNTS)
+}
+
+/// Every known event kind (zero when absent), then any unknown kinds found.
+pub(crate) fn fill_kinds(found: Vec<(String, u64)>) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = EVENT_KINDS
         .iter()
         .map(|k| (k.to_string(), found.iter().find(|(f, _)| f == k).map_or(0, |(_, n)| *n)))
         .collect();
     out.extend(found.into_iter().filter(|(k, _)| !EVENT_KINDS.contains(&k.as_str())));
-    Ok(out)
+    out
 }
 
 /// Every status, zero when absent, in lifecycle order.
-pub(crate) fn status_counts(conn: &Connection) -> Result<Vec<(OrderStatus, u64)>> {
-    let found = counts(conn, sql::STATUS_COUNTS)?;
-    Ok(OrderStatus::ALL
+pub(crate) fn fill_statuses(found: &[(String, u64)]) -> Vec<(OrderStatus, u64)> {
+    OrderStatus::ALL
         .iter()
         .map(|s| (*s, found.iter().find(|(f, _)| f == s.as_str()).map_or(0, |(_, n)| *n)))
-        .collect())
+        .collect()
 }
 
 /// Event-kind bits, in [`EVENT_KINDS`] order, as [`sql::INVARIANT_ORDERS`] computes them.
@@ -276,9 +284,37 @@ fn consistent(status: OrderStatus, mask: i64, version: i64, close_reason: Option
     ok_mask && version == 1 + transitions && reason_ok
 }
 
-fn push_capped(v: &mut Vec<String>, id: String) {
+pub(crate) fn push_capped(v: &mut Vec<String>, id: String) {
     if v.len() < MAX_REPORTED {
         v.push(id);
+    }
+}
+
+/// One row of [`sql::INVARIANT_ORDERS`] (any backend's), judged into `report`.
+#[derive(Debug)]
+pub(crate) struct OrderFacts {
+    pub(crate) id: String,
+    pub(crate) status: OrderStatus,
+    pub(crate) version: i64,
+    pub(crate) close_reason: Option<String>,
+    pub(crate) pay_deadline: i64,
+    pub(crate) mask: i64,
+}
+
+/// Adds what is wrong with one order to `report` (paid and closed, overdue and unpaid, status
+/// disagreeing with its events).
+pub(crate) fn judge(report: &mut InvariantReport, o: OrderFacts, now: i64, bound_ms: i64) {
+    report.orders += 1;
+    let overdue_before = now.saturating_sub(bound_ms);
+    let reached_paid = o.mask & bit::PAID != 0 || !matches!(o.status, OrderStatus::PendingPayment | OrderStatus::Closed);
+    if o.mask & bit::CLOSED != 0 && reached_paid {
+        push_capped(&mut report.paid_and_closed, o.id.clone());
+    }
+    if o.status == OrderStatus::PendingPayment && o.pay_deadline < overdue_before {
+        push_capped(&mut report.overdue_unpaid, o.id.clone());
+    }
+    if o.mask & bit::UNKNOWN != 0 || !consistent(o.status, o.mask & !bit::REMINDED, o.version, o.close_reason.as_deref()) {
+        push_capped(&mut report.inconsistent, o.id);
     }
 }
 
@@ -297,28 +333,18 @@ pub(crate) fn invariants(conn: &mut Connection, now: i64, bound_ms: i64) -> Resu
         }
     }
     {
-        let overdue_before = now.saturating_sub(bound_ms);
         let mut stmt = tx.prepare(sql::INVARIANT_ORDERS).store_err("check orders")?;
         let mut rows = stmt.query([]).store_err("check orders")?;
         while let Some(r) = rows.next().store_err("check orders")? {
-            let id: String = r.get(0).store_err("check orders")?;
-            let status: OrderStatus = r.get(1).store_err("check orders")?;
-            let version: i64 = r.get(2).store_err("check orders")?;
-            let reason: Option<String> = r.get(3).store_err("check orders")?;
-            let deadline: i64 = r.get(4).store_err("check orders")?;
-            let mask: i64 = r.get(5).store_err("check orders")?;
-            report.orders += 1;
-            let reached_paid = mask & bit::PAID != 0
-                || !matches!(status, OrderStatus::PendingPayment | OrderStatus::Closed);
-            if mask & bit::CLOSED != 0 && reached_paid {
-                push_capped(&mut report.paid_and_closed, id.clone());
-            }
-            if status == OrderStatus::PendingPayment && deadline < overdue_before {
-                push_capped(&mut report.overdue_unpaid, id.clone());
-            }
-            if mask & bit::UNKNOWN != 0 || !consistent(status, mask & !bit::REMINDED, version, reason.as_deref()) {
-                push_capped(&mut report.inconsistent, id);
-            }
+            let facts = OrderFacts {
+                id: r.get(0).store_err("check orders")?,
+                status: r.get(1).store_err("check orders")?,
+                version: r.get(2).store_err("check orders")?,
+                close_reason: r.get(3).store_err("check orders")?,
+                pay_deadline: r.get(4).store_err("check orders")?,
+                mask: r.get(5).store_err("check orders")?,
+            };
+            judge(&mut report, facts, now, bound_ms);
         }
     }
     {

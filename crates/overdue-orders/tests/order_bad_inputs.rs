@@ -20,9 +20,8 @@ fn item(p: &str, q: i64) -> NewItem {
     NewItem { product_id: p.into(), quantity: q }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_orders_are_refused_and_change_nothing() {
-    let shop = Shop::start().await;
+async fn invalid_orders_are_refused_and_change_nothing(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 100, 50).await;
     shop.product("pear", 100, 50).await;
     let ok = || new_order("zoe", &[("apple", 1)]);
@@ -62,9 +61,8 @@ async fn invalid_orders_are_refused_and_change_nothing() {
     shop.svc.create_order(NewOrder { pay_timeout_ms: Some(7 * DAY), ..ok() }).await.expect("7 days is allowed");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn out_of_stock_rolls_back_the_whole_order() {
-    let shop = Shop::start().await;
+async fn out_of_stock_rolls_back_the_whole_order(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 100, 50).await;
     shop.product("pear", 100, 2).await;
     shop.product("plum", 100, 50).await;
@@ -96,9 +94,8 @@ async fn out_of_stock_rolls_back_the_whole_order() {
     shop.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_products_and_lookups_are_refused() {
-    let shop = Shop::start().await;
+async fn invalid_products_and_lookups_are_refused(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     let ok = || NewProduct { id: Some("apple".into()), name: "Apple".into(), price_cents: 100, stock: 1 };
     let cases: Vec<(&str, NewProduct, &str)> = vec![
         ("empty id", NewProduct { id: Some(String::new()), ..ok() }, "id"),
@@ -153,3 +150,9 @@ async fn nonsense_config_is_refused_at_open() {
         .expect_err("pay timeout above the maximum");
     assert!(matches!(err, OrderError::Invalid { field: "config", .. }), "{err:?}");
 }
+
+every_backend!(
+    invalid_orders_are_refused_and_change_nothing,
+    out_of_stock_rolls_back_the_whole_order,
+    invalid_products_and_lookups_are_refused,
+);

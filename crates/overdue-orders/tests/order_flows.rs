@@ -7,9 +7,8 @@ use overdue_orders::*;
 
 const PAY_TIMEOUT: i64 = 30 * MIN;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_then_pay_cancels_both_timers_and_never_closes() {
-    let shop = Shop::start().await;
+async fn create_then_pay_cancels_both_timers_and_never_closes(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 150, 10).await;
     shop.product("pear", 90, 5).await;
     let o = shop.order("alice", &[("apple", 3), ("pear", 2)]).await;
@@ -42,9 +41,8 @@ async fn create_then_pay_cancels_both_timers_and_never_closes() {
     shop.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unpaid_order_closes_at_its_deadline_and_releases_stock() {
-    let shop = Shop::start().await;
+async fn unpaid_order_closes_at_its_deadline_and_releases_stock(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 150, 10).await;
     let o = shop.order("bob", &[("apple", 4)]).await;
     assert_eq!(shop.stock("apple").await, 6);
@@ -66,9 +64,8 @@ async fn unpaid_order_closes_at_its_deadline_and_releases_stock() {
     shop.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reminder_fires_once_before_the_deadline_and_writes_one_outbox_row() {
-    let shop = Shop::start().await;
+async fn reminder_fires_once_before_the_deadline_and_writes_one_outbox_row(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 150, 10).await;
     let o = shop.order("carol", &[("apple", 1)]).await;
     let remind_at = o.pay_deadline - 5 * MIN;
@@ -106,9 +103,8 @@ async fn reminder_fires_once_before_the_deadline_and_writes_one_outbox_row() {
     shop.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn short_timeout_skips_the_reminder() {
-    let shop = Shop::start().await;
+async fn short_timeout_skips_the_reminder(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 150, 10).await;
     let o = shop
         .svc
@@ -123,9 +119,8 @@ async fn short_timeout_skips_the_reminder() {
     assert!(shop.svc.outbox_pending(0).await.expect("outbox").is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn payment_after_the_deadline_is_refused_and_the_order_stays_closed() {
-    let shop = Shop::start().await;
+async fn payment_after_the_deadline_is_refused_and_the_order_stays_closed(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 150, 10).await;
 
     // Closed by its timer, then a late payment.
@@ -152,9 +147,8 @@ async fn payment_after_the_deadline_is_refused_and_the_order_stays_closed() {
     shop.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shipped_order_auto_confirms_after_seven_days() {
-    let shop = Shop::start().await;
+async fn shipped_order_auto_confirms_after_seven_days(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 150, 10).await;
     let o = shop.order("fay", &[("apple", 1)]).await;
     shop.svc.pay(&o.id).await.expect("pay");
@@ -177,9 +171,8 @@ async fn shipped_order_auto_confirms_after_seven_days() {
     shop.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn buyer_confirmation_cancels_auto_confirm() {
-    let shop = Shop::start().await;
+async fn buyer_confirmation_cancels_auto_confirm(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 150, 10).await;
     let o = shop.order("gus", &[("apple", 1)]).await;
     shop.svc.pay(&o.id).await.expect("pay");
@@ -193,9 +186,8 @@ async fn buyer_confirmation_cancels_auto_confirm() {
     shop.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ignored_refund_request_is_auto_approved_after_three_days() {
-    let shop = Shop::start().await;
+async fn ignored_refund_request_is_auto_approved_after_three_days(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 150, 10).await;
     let o = shop.order("hal", &[("apple", 1)]).await;
     shop.svc.pay(&o.id).await.expect("pay");
@@ -218,9 +210,8 @@ async fn ignored_refund_request_is_auto_approved_after_three_days() {
     shop.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn merchant_decision_cancels_auto_approve() {
-    let shop = Shop::start().await;
+async fn merchant_decision_cancels_auto_approve(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 150, 10).await;
     let approved = shop.order("ivy", &[("apple", 1)]).await;
     let rejected = shop.order("ivy", &[("apple", 1)]).await;
@@ -241,9 +232,8 @@ async fn merchant_decision_cancels_auto_approve() {
     shop.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn buyer_cancel_closes_releases_stock_and_cancels_timers() {
-    let shop = Shop::start().await;
+async fn buyer_cancel_closes_releases_stock_and_cancels_timers(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 150, 10).await;
     shop.product("pear", 90, 10).await;
     let o = shop.order("jo", &[("apple", 2), ("pear", 7)]).await;
@@ -264,9 +254,8 @@ async fn buyer_cancel_closes_releases_stock_and_cancels_timers() {
     shop.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn illegal_moves_name_the_current_status_and_unknown_orders_are_not_found() {
-    let shop = Shop::start().await;
+async fn illegal_moves_name_the_current_status_and_unknown_orders_are_not_found(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 150, 10).await;
     let o = shop.order("kim", &[("apple", 1)]).await;
     for (what, r) in [
@@ -288,9 +277,8 @@ async fn illegal_moves_name_the_current_status_and_unknown_orders_are_not_found(
     assert_eq!(shop.svc.get_order(&o.id).await.expect("get").version, 1, "refused moves change nothing");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listing_pages_newest_first_and_filters() {
-    let shop = Shop::start().await;
+async fn listing_pages_newest_first_and_filters(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 150, 1_000).await;
     let mut ids = Vec::new();
     for i in 0..12u32 {
@@ -360,3 +348,18 @@ async fn reopening_keeps_orders_and_timers() {
     assert_eq!(svc.get_order(&id).await.expect("get").status, OrderStatus::Closed);
     assert_eq!(svc.get_product("apple").await.expect("apple").stock, 3);
 }
+
+every_backend!(
+    create_then_pay_cancels_both_timers_and_never_closes,
+    unpaid_order_closes_at_its_deadline_and_releases_stock,
+    reminder_fires_once_before_the_deadline_and_writes_one_outbox_row,
+    short_timeout_skips_the_reminder,
+    payment_after_the_deadline_is_refused_and_the_order_stays_closed,
+    shipped_order_auto_confirms_after_seven_days,
+    buyer_confirmation_cancels_auto_confirm,
+    ignored_refund_request_is_auto_approved_after_three_days,
+    merchant_decision_cancels_auto_approve,
+    buyer_cancel_closes_releases_stock_and_cancels_timers,
+    illegal_moves_name_the_current_status_and_unknown_orders_are_not_found,
+    listing_pages_newest_first_and_filters,
+);

@@ -17,9 +17,8 @@ async fn snapshot(shop: &Shop, id: &str) -> (Order, Vec<OrderEvent>, i64, usize,
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_fired_twice_closes_once() {
-    let shop = Shop::start().await;
+async fn close_fired_twice_closes_once(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 100, 10).await;
     let o = shop.order("amy", &[("apple", 4)]).await;
     shop.clock.set(o.pay_deadline);
@@ -40,9 +39,8 @@ async fn close_fired_twice_closes_once() {
     shop.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn late_close_after_payment_changes_nothing() {
-    let shop = Shop::start().await;
+async fn late_close_after_payment_changes_nothing(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 100, 10).await;
     let o = shop.order("ben", &[("apple", 2)]).await;
     shop.svc.pay(&o.id).await.expect("pay");
@@ -53,9 +51,8 @@ async fn late_close_after_payment_changes_nothing() {
     shop.assert_invariants().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_handler_is_idempotent() {
-    let shop = Shop::start().await;
+async fn every_handler_is_idempotent(db: Db) {
+    let Some(shop) = Shop::on(db).await else { return };
     shop.product("apple", 100, 10).await;
 
     // Reminder.
@@ -97,3 +94,9 @@ async fn every_handler_is_idempotent() {
     assert!(matches!(shop.svc.handle(firing("other.queue", ghost, at, at)).await, Outcome::Fail(_)));
     shop.assert_invariants().await;
 }
+
+every_backend!(
+    close_fired_twice_closes_once,
+    late_close_after_payment_changes_nothing,
+    every_handler_is_idempotent,
+);

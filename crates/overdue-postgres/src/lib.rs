@@ -254,6 +254,23 @@ impl PgStore {
         self.inner.ownership.release_all(&self.inner.pool).await
     }
 
+    /// Schedules `timers` inside the caller's transaction (`conn` is a `Transaction` or a
+    /// connection with one open): they commit or roll back with the caller's own rows. This is
+    /// how the order service writes an order and its close timer atomically. Same semantics as
+    /// [`Store::schedule`]; the caller should hand the returned refs to `Engine::track` after
+    /// its commit so the wheel hears of them at once.
+    pub async fn schedule_in(&self, conn: &mut sqlx::PgConnection, timers: Vec<TimerSpec>, now: i64) -> Result<Vec<u64>> {
+        let r = upsert(conn, timers, now).await;
+        self.track(r)
+    }
+
+    /// Deletes a timer inside the caller's transaction (see [`PgStore::schedule_in`]); the
+    /// generation it had, if it existed.
+    pub async fn cancel_in(&self, conn: &mut sqlx::PgConnection, queue: &str, key: &str) -> Result<Option<u64>> {
+        let r = delete(conn, queue, key).await;
+        self.track(r)
+    }
+
     fn track<T>(&self, r: Result<T>) -> Result<T> {
         match &r {
             Err(e) if e.is_transient() => self.inner.healthy.store(false, Ordering::Relaxed),
@@ -339,6 +356,83 @@ impl RefArrays {
 const JOIN_GENERATION: &str =
     "t.queue = c.queue COLLATE \"C\" AND t.key = c.key COLLATE \"C\" AND t.generation = c.generation";
 
+/// The upsert behind [`Store::schedule`] and [`PgStore::schedule_in`], on any executor.
+async fn upsert<'e>(exec: impl sqlx::PgExecutor<'e>, timers: Vec<TimerSpec>, now: i64) -> Result<Vec<u64>> {
+    if timers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = timers.len();
+    let mut queues = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut parts = Vec::with_capacity(n);
+    let mut dues = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    for t in timers {
+        parts.push(partition_of(&t.queue, &t.key));
+        dues.push(t.due_at);
+        queues.push(t.queue);
+        keys.push(t.key);
+        payloads.push(t.payload);
+    }
+    // Rows are written in identity order (two overlapping batches lock in the same order, so
+    // they cannot deadlock), and a replaced row takes its generation from the sequence
+    // *after* its row lock is held, so concurrent upserts of one key store generations in
+    // commit order: a stored generation never goes down.
+    let r = sqlx::query(
+        "INSERT INTO timers (queue, key, part, due_at, payload, generation, attempts, last_error, \
+         lease_owner, lease_until, created_at, updated_at) \
+         SELECT q, k, p, d, pl, nextval('overdue_generation'), 0, NULL, NULL, NULL, $6, $6 \
+         FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[], $5::bytea[]) AS u(q, k, p, d, pl) \
+         ORDER BY q COLLATE \"C\", k COLLATE \"C\" \
+         ON CONFLICT (queue, key) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload, \
+         generation = nextval('overdue_generation'), attempts = 0, last_error = NULL, lease_owner = NULL, \
+         lease_until = NULL, updated_at = EXCLUDED.updated_at \
+         RETURNING queue, key, generation",
+    )
+    .bind(&queues)
+    .bind(&keys)
+    .bind(&parts)
+    .bind(&dues)
+    .bind(&payloads)
+    .bind(now)
+    .fetch_all(exec)
+    .await
+    .map_err(pg_err);
+    let returned = r?;
+    let mut by_id: HashMap<(String, String), u64> = HashMap::with_capacity(n);
+    for r in &returned {
+        let q: String = r.try_get(0).map_err(pg_err)?;
+        let k: String = r.try_get(1).map_err(pg_err)?;
+        let g: i64 = r.try_get(2).map_err(pg_err)?;
+        by_id.insert((q, k), g as u64);
+    }
+    queues
+        .into_iter()
+        .zip(keys)
+        .map(|(q, k)| {
+            by_id.get(&(q, k)).copied().ok_or_else(|| {
+                Error::Store {
+                    backend: BACKEND,
+                    message: "an upserted timer was not returned (duplicate identity in the batch?)".into(),
+                    transient: false,
+                    source: None,
+                }
+            })
+        })
+        .collect()
+}
+
+/// The delete behind [`Store::cancel`] and [`PgStore::cancel_in`], on any executor.
+async fn delete<'e>(exec: impl sqlx::PgExecutor<'e>, queue: &str, key: &str) -> Result<Option<u64>> {
+    let row = sqlx::query("DELETE FROM timers WHERE queue = $1 AND key = $2 RETURNING generation")
+        .bind(queue)
+        .bind(key)
+        .fetch_optional(exec)
+        .await
+        .map_err(pg_err)?;
+    row.map(|r| r.try_get::<i64, _>(0).map(|g| g as u64)).transpose().map_err(pg_err)
+}
+
 #[async_trait]
 impl Store for PgStore {
     fn capabilities(&self) -> Capabilities {
@@ -346,79 +440,13 @@ impl Store for PgStore {
     }
 
     async fn schedule(&self, timers: Vec<TimerSpec>, now: i64) -> Result<Vec<u64>> {
-        if timers.is_empty() {
-            return Ok(Vec::new());
-        }
-        let n = timers.len();
-        let mut queues = Vec::with_capacity(n);
-        let mut keys = Vec::with_capacity(n);
-        let mut parts = Vec::with_capacity(n);
-        let mut dues = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        for t in timers {
-            parts.push(partition_of(&t.queue, &t.key));
-            dues.push(t.due_at);
-            queues.push(t.queue);
-            keys.push(t.key);
-            payloads.push(t.payload);
-        }
-        // Rows are written in identity order (two overlapping batches lock in the same order, so
-        // they cannot deadlock), and a replaced row takes its generation from the sequence
-        // *after* its row lock is held, so concurrent upserts of one key store generations in
-        // commit order: a stored generation never goes down.
-        let r = sqlx::query(
-            "INSERT INTO timers (queue, key, part, due_at, payload, generation, attempts, last_error, \
-             lease_owner, lease_until, created_at, updated_at) \
-             SELECT q, k, p, d, pl, nextval('overdue_generation'), 0, NULL, NULL, NULL, $6, $6 \
-             FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[], $5::bytea[]) AS u(q, k, p, d, pl) \
-             ORDER BY q COLLATE \"C\", k COLLATE \"C\" \
-             ON CONFLICT (queue, key) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload, \
-             generation = nextval('overdue_generation'), attempts = 0, last_error = NULL, lease_owner = NULL, \
-             lease_until = NULL, updated_at = EXCLUDED.updated_at \
-             RETURNING queue, key, generation",
-        )
-        .bind(&queues)
-        .bind(&keys)
-        .bind(&parts)
-        .bind(&dues)
-        .bind(&payloads)
-        .bind(now)
-        .fetch_all(&self.inner.pool)
-        .await
-        .map_err(pg_err);
-        let returned = self.track(r)?;
-        let mut by_id: HashMap<(String, String), u64> = HashMap::with_capacity(n);
-        for r in &returned {
-            let q: String = r.try_get(0).map_err(pg_err)?;
-            let k: String = r.try_get(1).map_err(pg_err)?;
-            let g: i64 = r.try_get(2).map_err(pg_err)?;
-            by_id.insert((q, k), g as u64);
-        }
-        queues
-            .into_iter()
-            .zip(keys)
-            .map(|(q, k)| {
-                by_id.get(&(q, k)).copied().ok_or_else(|| {
-                    Error::Store {
-                        backend: BACKEND,
-                        message: "an upserted timer was not returned (duplicate identity in the batch?)".into(),
-                        transient: false,
-                        source: None,
-                    }
-                })
-            })
-            .collect()
+        let r = upsert(&self.inner.pool, timers, now).await;
+        self.track(r)
     }
 
     async fn cancel(&self, queue: &str, key: &str) -> Result<Option<u64>> {
-        let r = sqlx::query("DELETE FROM timers WHERE queue = $1 AND key = $2 RETURNING generation")
-            .bind(queue)
-            .bind(key)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(pg_err);
-        let row = self.track(r)?;
-        row.map(|r| r.try_get::<i64, _>(0).map(|g| g as u64)).transpose().map_err(pg_err)
+        let r = delete(&self.inner.pool, queue, key).await;
+        self.track(r)
     }
 
     async fn reschedule(&self, queue: &str, key: &str, due_at: i64, now: i64) -> Result<Option<u64>> {

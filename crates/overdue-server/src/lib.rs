@@ -39,8 +39,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use overdue::{Clock, Engine, EngineConfig, Limits, QueueConfig, ShutdownReport, SystemClock, TriggerKind};
-use overdue_orders::{OrderConfig, OrderError, OrderService};
+use overdue::{Clock, Engine, EngineConfig, Limits, QueueConfig, ShutdownReport, Store, SystemClock, TriggerKind};
+use overdue_orders::{OrderBackend, OrderConfig, OrderError, OrderService};
 use overdue_sql::SqliteStore;
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -100,7 +100,8 @@ pub enum ServerError {
 /// are logged), a 64 KiB body limit and the system clock.
 #[derive(Clone)]
 pub struct AppConfig {
-    /// Store URL. Only `sqlite:PATH` is supported by the order service for now.
+    /// Store URL: `sqlite:PATH`, `postgres://…` or `mysql://…` (the order tables go into the
+    /// same database as the timers).
     pub backend_url: String,
     /// What wakes the engine: wheel (default), heap or scan.
     pub trigger: TriggerKind,
@@ -270,11 +271,11 @@ impl App {
     pub async fn start(cfg: AppConfig) -> Result<App> {
         cfg.validate()?;
         metrics_export::install();
-        let store = open_sqlite(&cfg.backend_url).await?;
-        let orders = OrderService::open(store.clone(), cfg.clock.clone(), cfg.order.clone()).await?;
+        let (backend, store) = open_backend(&cfg.backend_url).await?;
+        let orders = OrderService::open(backend, cfg.clock.clone(), cfg.order.clone()).await?;
         let delivery = Arc::new(callback::Delivery::new(cfg.callback_secret.clone(), cfg.callback_timeout, cfg.clock.clone())?);
         let limits = Limits::with_max_payload(cfg.body_limit.max(overdue::limits::DEFAULT_MAX_PAYLOAD))?;
-        let builder = Engine::builder(Arc::new(store))
+        let builder = Engine::builder(store)
             .clock(cfg.clock.clone())
             .config(EngineConfig { trigger: cfg.trigger, ..EngineConfig::default() })
             .limits(limits);
@@ -334,16 +335,33 @@ impl Drop for App {
     }
 }
 
-/// Opens the SQLite store the order service needs, with a clear error for other URLs.
-async fn open_sqlite(url: &str) -> Result<SqliteStore> {
+/// Opens the store a backend URL names, for the engine and for the order service (whose tables
+/// go into the same database), with a clear error for a backend the order service cannot use.
+async fn open_backend(url: &str) -> Result<(OrderBackend, Arc<dyn Store>)> {
     let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
-    if scheme != "sqlite" {
-        return Err(ServerError::Config(format!(
-            "backend {url:?}: the order service runs on the embedded SQLite store only for now \
-             (sqlite:PATH, e.g. {DEFAULT_BACKEND_URL}); PostgreSQL and MySQL follow"
-        )));
+    match scheme {
+        "sqlite" => {
+            let store = SqliteStore::open_url(url).await?;
+            Ok((store.clone().into(), Arc::new(store)))
+        }
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => {
+            let store = overdue::postgres::PgStore::open_url(url).await?;
+            Ok((store.clone().into(), Arc::new(store)))
+        }
+        #[cfg(feature = "mysql")]
+        "mysql" => {
+            let store = overdue::mysql::MysqlStore::open_url(url).await?;
+            Ok((store.clone().into(), Arc::new(store)))
+        }
+        _ => Err(ServerError::Config(format!(
+            "backend {}: the order service keeps its orders in a SQL database beside the timers; use \
+             sqlite:PATH (e.g. {DEFAULT_BACKEND_URL}){}{}",
+            overdue::redact_url(url),
+            if cfg!(feature = "postgres") { ", postgres://USER@HOST/DB" } else { "" },
+            if cfg!(feature = "mysql") { ", mysql://USER@HOST/DB" } else { "" },
+        ))),
     }
-    Ok(SqliteStore::open_url(url).await?)
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then stops accepting and lets
@@ -387,9 +405,11 @@ mod tests {
 
     #[tokio::test]
     async fn other_backends_are_refused_clearly() {
-        let err = App::start(AppConfig { backend_url: "postgres://x/y".into(), ..AppConfig::default() })
+        let err = App::start(AppConfig { backend_url: "amqp://guest:secret@127.0.0.1/".into(), ..AppConfig::default() })
             .await
-            .expect_err("postgres is not supported yet");
-        assert!(err.to_string().contains("SQLite store only"), "{err}");
+            .expect_err("the order service needs a SQL database");
+        let text = err.to_string();
+        assert!(text.contains("SQL database beside the timers") && text.contains("sqlite:"), "{text}");
+        assert!(!text.contains("secret"), "the password is redacted: {text}");
     }
 }

@@ -21,6 +21,8 @@ pub use overdue_core::{
     ManualClock, Outcome, QueueCount, Result, Settlement, Store, SystemClock, Timer, TimerRef,
     TimerSpec, TimerState, limits, Delivery, DueSink, ExternalTrigger,
 };
+/// A URL without its password, for messages and logs.
+pub use overdue_core::shared::redact as redact_url;
 pub use overdue_engine::{
     Engine, EngineBuilder, EngineConfig, EngineStats, Handler, LatenessSummary, QueueConfig,
     ShutdownReport, TriggerKind, queue_label,

@@ -1,11 +1,16 @@
-//! A shop in virtual time: a temp database, the engine on a manual clock, the order service.
+//! A shop in virtual time: a fresh database (a SQLite temp file, a PostgreSQL schema or a MySQL
+//! database), the engine on a manual clock, the order service. `every_backend!` runs a test on
+//! each of them.
 #![allow(dead_code)]
 
 use std::sync::Arc;
 
-use overdue::{Clock, Engine, Firing, ManualClock, Timer};
+use overdue::{Clock, Engine, Firing, ManualClock, Store, Timer};
 use overdue_orders::*;
 use overdue_sql::{Durability, SqliteOptions, SqliteStore};
+
+pub use overdue_testkit::every_backend;
+pub use overdue_testkit::servers::Db;
 
 /// Virtual start of every test: 2023-11-14T22:13:20Z.
 pub const T0: i64 = 1_700_000_000_000;
@@ -16,8 +21,9 @@ pub struct Shop {
     pub svc: Arc<OrderService>,
     pub engine: Arc<Engine>,
     pub clock: ManualClock,
-    pub store: SqliteStore,
-    pub dir: tempfile::TempDir,
+    pub db: Db,
+    /// The SQLite file's directory (kept for the shop's lifetime); `None` on a server.
+    pub dir: Option<tempfile::TempDir>,
 }
 
 impl Shop {
@@ -33,15 +39,41 @@ impl Shop {
     /// The engine runs on `clock`; the service reads time from `svc_clock` (which should
     /// follow `clock`, e.g. wrap it).
     pub async fn with_clocks(cfg: OrderConfig, clock: ManualClock, svc_clock: Arc<dyn Clock>) -> Shop {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(dir.path().join("shop.db"), SqliteOptions::with_durability(Durability::Buffer))
-            .await
-            .expect("open store");
-        let svc = OrderService::open(store.clone(), svc_clock, cfg).await.expect("open service");
-        let builder = Engine::builder(Arc::new(store.clone())).clock(Arc::new(clock.clone()));
+        Shop::on_with(Db::Sqlite, cfg, clock, svc_clock).await.expect("sqlite needs no server")
+    }
+
+    /// A shop with the default config on `db`; `None` when its server is unreachable outside CI.
+    pub async fn on(db: Db) -> Option<Shop> {
+        let clock = ManualClock::new(T0);
+        Shop::on_with(db, OrderConfig::default(), clock.clone(), Arc::new(clock)).await
+    }
+
+    pub async fn on_with(db: Db, cfg: OrderConfig, clock: ManualClock, svc_clock: Arc<dyn Clock>) -> Option<Shop> {
+        let (backend, store, dir): (OrderBackend, Arc<dyn Store>, _) = match db {
+            Db::Sqlite => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let store =
+                    SqliteStore::open(dir.path().join("shop.db"), SqliteOptions::with_durability(Durability::Buffer))
+                        .await
+                        .expect("open store");
+                (store.clone().into(), Arc::new(store), Some(dir))
+            }
+            Db::Postgres => {
+                let url = overdue_testkit::servers::postgres::fresh_url("").await?;
+                let store = overdue_postgres::PgStore::open_url(&url).await.expect("open postgres store");
+                (store.clone().into(), Arc::new(store), None)
+            }
+            Db::Mysql => {
+                let url = overdue_testkit::servers::mysql::fresh_url("").await?;
+                let store = overdue_mysql::MysqlStore::open_url(&url).await.expect("open mysql store");
+                (store.clone().into(), Arc::new(store), None)
+            }
+        };
+        let svc = OrderService::open(backend, svc_clock, cfg).await.expect("open service");
+        let builder = Engine::builder(store).clock(Arc::new(clock.clone()));
         let engine = Arc::new(svc.register_handlers(builder).start().await.expect("start engine"));
         svc.attach(engine.clone());
-        Shop { svc, engine, clock, store, dir }
+        Some(Shop { svc, engine, clock, db, dir })
     }
 
     /// Sets virtual time and lets the engine fire everything due.

@@ -1,0 +1,353 @@
+//! The order service on the embedded SQLite store: every write is a closure on the store's
+//! writer thread (group-committed with the engine's own writes), every read on the service's
+//! read-only connections (`read`).
+//!
+//! Closures that can be refused only before their first change (one-line orders, transitions,
+//! the timer handlers) run through [`SqliteStore::write_without_savepoint`]; multi-line orders,
+//! whose third line may be out of stock after two were reserved, through [`SqliteStore::write`].
+//! A domain error found half way travels out of the closure inside the store error
+//! ([`abort`]) and comes back out as the [`OrderError`] it was ([`recover`]).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use overdue::{Clock, TimerRef, TimerSpec};
+use overdue_sql::{SqlResultExt, SqliteStore, WriteCtx};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::db::{OrderDb, OrderPlan};
+use crate::error::{OrderError, Result};
+use crate::machine::*;
+use crate::model::*;
+use crate::read::{self, ReadPool};
+use crate::{schema, sql};
+
+/// The SQLite side of [`crate::OrderService`].
+#[derive(Debug)]
+pub(crate) struct SqliteDb {
+    store: SqliteStore,
+    readers: Arc<ReadPool>,
+}
+
+impl SqliteDb {
+    /// Applies the order migrations (in one store write) and opens the read connections.
+    pub(crate) async fn open(store: SqliteStore, now: i64) -> Result<SqliteDb> {
+        let found = store.write(move |ctx| schema::migrate_sqlite(ctx.connection(), now)).await.map_err(recover)?;
+        let path = store.path().to_path_buf();
+        let readers = tokio::task::spawn_blocking(move || ReadPool::open(path, read::READERS))
+            .await
+            .map_err(|e| OrderError::Store(overdue::Error::store("sqlite", format!("opening readers failed: {e}"), false, e)))??;
+        tracing::info!(db = %store.path().display(), schema_found = found, schema = schema::latest_version(), "order tables ready");
+        Ok(SqliteDb { store, readers: Arc::new(readers) })
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        self.readers.read(f).await
+    }
+}
+
+/// Applies `mv` to order `id` inside a write closure. Writes nothing unless the order matched.
+fn apply(
+    ctx: &mut WriteCtx<'_>,
+    id: &str,
+    mv: &Move,
+    now: i64,
+    cause: Cause<'_>,
+    schedule_delay_ms: i64,
+    with_items: bool,
+) -> overdue::Result<Applied> {
+    let conn = ctx.connection();
+    let changed = conn
+        .prepare_cached(sql::TRANSITION)
+        .and_then(|mut s| {
+            s.execute(params![id, mv.to, now, mv.close_reason, mv.from[0], mv.from[1], i64::from(mv.before_deadline)])
+        })
+        .store_err(mv.action)?;
+    let moved = if changed == 0 {
+        None
+    } else {
+        Some(
+            conn.prepare_cached(sql::SELECT_ORDER)
+                .and_then(|mut s| s.query_row([id], read::order_row))
+                .store_err(mv.action)?,
+        )
+    };
+    let Some(mut order) = moved else {
+        let state = conn
+            .prepare_cached(sql::ORDER_STATE)
+            .and_then(|mut s| s.query_row([id], |r| Ok((r.get::<_, OrderStatus>(0)?, r.get::<_, i64>(1)?))).optional())
+            .store_err(mv.action)?;
+        return Ok(match state {
+            Some((status, pay_deadline)) => Applied::Refused { status, pay_deadline },
+            None => Applied::Missing,
+        });
+    };
+    conn.prepare_cached(sql::INSERT_EVENT)
+        .and_then(|mut s| s.execute(params![id, mv.event, now, cause.source, cause.detail]))
+        .store_err("record order event")?;
+    let items = if mv.release_stock || with_items { read::items(conn, id)? } else { Vec::new() };
+    if mv.release_stock {
+        let mut release = conn.prepare_cached(sql::RELEASE_STOCK).store_err("release stock")?;
+        for it in &items {
+            release.execute(params![it.product_id, it.quantity]).store_err("release stock")?;
+        }
+    }
+    for queue in mv.cancel {
+        ctx.cancel(queue, id)?;
+    }
+    let mut timers = Vec::new();
+    if let Some(queue) = mv.schedule {
+        let due_at = now.saturating_add(schedule_delay_ms);
+        let generations = ctx.schedule(&[TimerSpec::new(queue, id, due_at)], now)?;
+        timers.extend(generations.into_iter().map(|generation| TimerRef {
+            queue: queue.to_owned(),
+            key: id.to_owned(),
+            generation,
+            due_at,
+        }));
+    }
+    if with_items {
+        order.items = items;
+    }
+    Ok(Applied::Moved(order, timers))
+}
+
+#[async_trait]
+impl OrderDb for SqliteDb {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn create_product(&self, p: NewProduct, clock: Arc<dyn Clock>) -> Result<Product> {
+        self.store
+            .write(move |ctx| {
+                let now = clock.now_ms();
+                let id = p.id.clone().unwrap_or_else(|| new_id("p", now));
+                let inserted = ctx
+                    .connection()
+                    .prepare_cached(sql::INSERT_PRODUCT)
+                    .and_then(|mut s| s.execute(params![id, p.name, p.price_cents, p.stock, now]))
+                    .store_err("insert product")?;
+                if inserted == 0 {
+                    return Err(abort(OrderError::AlreadyExists { what: "product", id }));
+                }
+                Ok(Product { id, name: p.name, price_cents: p.price_cents, stock: p.stock, stock_total: p.stock, created_at: now })
+            })
+            .await
+            .map_err(recover)
+    }
+
+    async fn create_order(&self, o: NewOrder, plan: OrderPlan, clock: Arc<dyn Clock>) -> Result<(Order, Vec<TimerRef>)> {
+        // A one-line order can only be refused by its reservation, its first write: it needs no
+        // savepoint (see `SqliteStore::write_without_savepoint`). More lines need one, to undo
+        // the lines already reserved when a later one is out of stock.
+        let single_line = o.items.len() == 1;
+        let (pay_timeout, remind_before) = (plan.pay_timeout_ms, plan.remind_before_ms);
+        let job = move |ctx: &mut WriteCtx<'_>| {
+                let now = clock.now_ms();
+                let id = new_id("o", now);
+                let deadline = now.saturating_add(pay_timeout);
+                let conn = ctx.connection();
+                let mut items = Vec::with_capacity(o.items.len());
+                let mut total: i64 = 0;
+                {
+                    let mut reserve = conn.prepare_cached(sql::RESERVE_STOCK).store_err("reserve stock")?;
+                    let mut price_of = conn.prepare_cached(sql::PRODUCT_PRICE).store_err("reserve stock")?;
+                    for line in &o.items {
+                        let reserved = reserve.execute(params![line.product_id, line.quantity]).store_err("reserve stock")?;
+                        let price = if reserved == 0 {
+                            None
+                        } else {
+                            Some(price_of.query_row([&line.product_id], |r| r.get::<_, i64>(0)).store_err("reserve stock")?)
+                        };
+                        let Some(price) = price else {
+                            let available = conn
+                                .prepare_cached(sql::PRODUCT_STOCK)
+                                .and_then(|mut s| s.query_row([&line.product_id], |r| r.get::<_, i64>(0)).optional())
+                                .store_err("read stock")?;
+                            return Err(abort(match available {
+                                None => OrderError::NotFound { what: "product", id: line.product_id.clone() },
+                                Some(available) => OrderError::OutOfStock {
+                                    product_id: line.product_id.clone(),
+                                    requested: line.quantity,
+                                    available,
+                                },
+                            }));
+                        };
+                        total = price
+                            .checked_mul(line.quantity)
+                            .and_then(|line_total| total.checked_add(line_total))
+                            .ok_or_else(|| abort(OrderError::Invalid { field: "items", message: "the order total overflows".into() }))?;
+                        items.push(OrderItem { product_id: line.product_id.clone(), quantity: line.quantity, price_cents: price });
+                    }
+                }
+                conn.prepare_cached(sql::INSERT_ORDER)
+                    .and_then(|mut s| s.execute(params![id, o.buyer, total, deadline, now]))
+                    .store_err("insert order")?;
+                {
+                    let mut insert = conn.prepare_cached(sql::INSERT_ITEM).store_err("insert order item")?;
+                    for it in &items {
+                        insert.execute(params![id, it.product_id, it.quantity, it.price_cents]).store_err("insert order item")?;
+                    }
+                }
+                conn.prepare_cached(sql::INSERT_EVENT)
+                    .and_then(|mut s| s.execute(params![id, "created", now, SOURCE_API, Option::<String>::None]))
+                    .store_err("record order event")?;
+                let specs = order_timers(&id, now, deadline, remind_before);
+                // The closure returns the error, so its savepoint undoes everything on failure.
+                let generations = ctx.schedule_or_fail(&specs, now)?;
+                let timers = specs
+                    .into_iter()
+                    .zip(generations)
+                    .map(|(s, generation)| TimerRef { queue: s.queue, key: s.key, generation, due_at: s.due_at })
+                    .collect::<Vec<_>>();
+                let order = Order {
+                    id,
+                    buyer: o.buyer,
+                    status: OrderStatus::PendingPayment,
+                    total_cents: total,
+                    pay_deadline: deadline,
+                    created_at: now,
+                    updated_at: now,
+                    version: 1,
+                    close_reason: None,
+                    items,
+                };
+                Ok((order, timers))
+            };
+        let written = if single_line { self.store.write_without_savepoint(job).await } else { self.store.write(job).await };
+        written.map_err(recover)
+    }
+
+    async fn api_move(&self, id: String, mv: Move, delay: i64, clock: Arc<dyn Clock>) -> Result<(Order, Vec<TimerRef>)> {
+        // `apply` writes nothing unless the transition matched, and every refusal returns before
+        // that: no savepoint needed.
+        self.store
+            .write_without_savepoint(move |ctx| {
+                let now = clock.now_ms();
+                match apply(ctx, &id, &mv, now, BY_API, delay, true)? {
+                    Applied::Moved(order, timers) => Ok(Ok((order, timers))),
+                    Applied::Missing => Err(abort(OrderError::NotFound { what: "order", id })),
+                    Applied::Refused { status, pay_deadline } => match refusal(&id, &mv, status, pay_deadline, now) {
+                        Refusal::CloseLate => {
+                            apply(ctx, &id, &CLOSE, now, LATE_PAYMENT, 0, false)?;
+                            Ok(Err(OrderError::OrderClosed { id }))
+                        }
+                        Refusal::Error(e) => Err(abort(e)),
+                    },
+                }
+            })
+            .await
+            .map_err(recover)?
+    }
+
+    async fn timer_move(&self, id: String, mv: Move, source: String, clock: Arc<dyn Clock>) -> overdue::Result<bool> {
+        self.store
+            .write_without_savepoint(move |ctx| {
+                let now = clock.now_ms();
+                let applied = apply(ctx, &id, &mv, now, Cause { source: &source, detail: None }, 0, false)?;
+                Ok(matches!(applied, Applied::Moved(..)))
+            })
+            .await
+    }
+
+    async fn remind(&self, id: String, source: String, clock: Arc<dyn Clock>) -> overdue::Result<bool> {
+        // The event insert is the first change; nothing refuses after it: no savepoint needed.
+        self.store
+            .write_without_savepoint(move |ctx| {
+                let now = clock.now_ms();
+                let conn = ctx.connection();
+                let target = conn
+                    .prepare_cached(sql::REMIND_TARGET)
+                    .and_then(|mut s| {
+                        s.query_row(params![id, now], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
+                            .optional()
+                    })
+                    .store_err("read order for reminder")?;
+                let Some((buyer, pay_deadline, total_cents)) = target else { return Ok(false) };
+                let inserted = conn
+                    .prepare_cached(sql::INSERT_EVENT_ONCE)
+                    .and_then(|mut s| s.execute(params![id, "reminded", now, source, Option::<String>::None]))
+                    .store_err("record reminder")?;
+                if inserted == 0 {
+                    return Ok(false);
+                }
+                let payload = reminder_payload(&id, &buyer, pay_deadline, total_cents);
+                conn.prepare_cached(sql::INSERT_OUTBOX)
+                    .and_then(|mut s| s.execute(params![TOPIC_REMINDER, payload, now]))
+                    .store_err("write reminder to the outbox")?;
+                Ok(true)
+            })
+            .await
+    }
+
+    async fn outbox_delivered(&self, ids: Vec<i64>, now: i64) -> Result<()> {
+        self.store
+            .write(move |ctx| {
+                let mut stmt = ctx.connection().prepare_cached(sql::OUTBOX_DELIVERED).store_err("ack outbox")?;
+                for id in &ids {
+                    stmt.execute(params![id, now]).store_err("ack outbox")?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(recover)
+    }
+
+    async fn outbox_failed(&self, id: i64) -> Result<()> {
+        self.store
+            .write(move |ctx| {
+                let n = ctx
+                    .connection()
+                    .prepare_cached(sql::OUTBOX_FAILED)
+                    .and_then(|mut s| s.execute([id]))
+                    .store_err("count outbox failure")?;
+                if n == 0 {
+                    return Err(abort(OrderError::NotFound { what: "outbox message", id: id.to_string() }));
+                }
+                Ok(())
+            })
+            .await
+            .map_err(recover)
+    }
+
+    async fn product(&self, id: String) -> Result<Product> {
+        self.read(move |c| read::product(c, &id)).await
+    }
+
+    async fn products(&self, after: String, limit: u32) -> Result<Vec<Product>> {
+        self.read(move |c| read::products(c, &after, limit)).await
+    }
+
+    async fn order(&self, id: String) -> Result<Order> {
+        self.read(move |c| read::order(c, &id)).await
+    }
+
+    async fn events(&self, id: String) -> Result<Vec<OrderEvent>> {
+        self.read(move |c| read::events(c, &id)).await
+    }
+
+    async fn orders(&self, q: OrderQuery, limit: u32) -> Result<Vec<Order>> {
+        self.read(move |c| read::orders(c, &q, limit)).await
+    }
+
+    async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxMessage>> {
+        self.read(move |c| read::outbox_pending(c, limit)).await
+    }
+
+    async fn transition_counts(&self) -> Result<Vec<(String, u64)>> {
+        self.read(|c| read::transition_counts(c)).await
+    }
+
+    async fn status_counts(&self) -> Result<Vec<(String, u64)>> {
+        self.read(|c| read::status_counts(c)).await
+    }
+
+    async fn invariants(&self, now: i64, bound_ms: i64) -> Result<InvariantReport> {
+        self.read(move |c| read::invariants(c, now, bound_ms)).await
+    }
+}
