@@ -16,6 +16,15 @@
 //! the work exactly as N `overdue serve` processes would (on the same cores). Producers are spread
 //! over the nodes; the report says how many firings each node handled. A `postgres://` URL
 //! without `schema=` gets a fresh schema `overdue_bench_<ms>` so runs never mix.
+//!
+//! With `--trigger keyspace` (Redis key-expiry events at `--trigger-url`, default
+//! `redis://127.0.0.1:6379`) every engine gets its own keyspace trigger, the SQLite store its
+//! outbox, and the trigger URL a fresh `prefix=overdue-bench-<ms>` unless it names one. The fire
+//! phase's timers were published an hour ahead, so their keys cannot expire during the run: the
+//! backstop sweep fires them (the report counts how many; the rest are notices the first engine
+//! left in the outbox, which the second publishes as already due). The bench then deletes the
+//! keys, so the steady phase is measured without 1-hour TTL keys of its own in Redis; the far
+//! phase's keys are deleted at the end.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -29,6 +38,7 @@ use overdue::{Clock, Engine, EngineConfig, Firing, Outcome, QueueConfig, Store, 
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use crate::trigger::{DEFAULT_TRIGGER_URL, TriggerChoice};
 use crate::util::{OffsetClock, rss_bytes, system_clock, thousands};
 
 const QUEUE: &str = "bench";
@@ -44,9 +54,14 @@ pub struct BenchArgs {
     /// Store URL; default: a fresh SQLite database in a temporary directory.
     #[arg(long, env = "OVERDUE_BACKEND")]
     backend: Option<String>,
-    /// Trigger: wheel, heap or scan.
+    /// Trigger: wheel, heap, scan (in-process) or keyspace (Redis key-expiry events at
+    /// --trigger-url; the store needs an outbox: the default SQLite store gets one).
     #[arg(long, default_value = "wheel")]
-    trigger: TriggerKind,
+    trigger: TriggerChoice,
+    /// Where an external trigger connects (keyspace: a redis:// URL; a fresh `prefix=` is
+    /// added unless it has one). Default: redis://127.0.0.1:6379.
+    #[arg(long, env = "OVERDUE_TRIGGER_URL")]
+    trigger_url: Option<String>,
     /// Timers scheduled (phase 1) and then fired (phase 2).
     #[arg(long, default_value_t = 200_000)]
     timers: u64,
@@ -94,6 +109,9 @@ struct Report {
     fire_burst_seconds: f64,
     /// Firings of the fire phase handled by each node.
     fire_split: Vec<u64>,
+    /// Of the fire phase's firings, those the backstop sweep fired (with an external trigger:
+    /// every notice the schedule phase published, since those wait an hour).
+    fire_backstop_rescued: u64,
     steady: Option<Steady>,
     far: Option<Far>,
     peak_rss_bytes: u64,
@@ -172,11 +190,22 @@ fn bar(len: u64, what: &str, quiet: bool) -> ProgressBar {
     pb
 }
 
-async fn start_engine(store: Arc<dyn Store>, trigger: TriggerKind, offset_ms: i64, counter: Arc<Counter>, node: usize) -> anyhow::Result<Engine> {
+async fn start_engine(
+    store: Arc<dyn Store>,
+    trigger: TriggerKind,
+    external: Option<Arc<dyn overdue::ExternalTrigger>>,
+    offset_ms: i64,
+    counter: Arc<Counter>,
+    node: usize,
+) -> anyhow::Result<Engine> {
     let clock: Arc<dyn overdue::Clock> = if offset_ms == 0 { system_clock() } else { Arc::new(OffsetClock { offset_ms }) };
     let config = EngineConfig { trigger, ..EngineConfig::default() };
     let queue = QueueConfig { concurrency: 4096, ..QueueConfig::default() };
-    let engine = Engine::builder(store)
+    let mut builder = Engine::builder(store);
+    if let Some(t) = external {
+        builder = builder.external_trigger(t);
+    }
+    let engine = builder
         .clock(clock)
         .config(config)
         .handler(QUEUE, queue, move |f: Firing| {
@@ -250,6 +279,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Some(u) => u.clone(),
         None => format!("sqlite:{}", tmp.path().join("bench.db").display()),
     };
+    let url = args.trigger.store_url(&url);
+    let trigger_url = {
+        let u = args.trigger_url.clone().unwrap_or_else(|| DEFAULT_TRIGGER_URL.to_owned());
+        if args.trigger.is_external() && !u.contains("prefix=") {
+            let sep = if u.contains('?') { '&' } else { '?' };
+            format!("{u}{sep}prefix=overdue-bench-{}", overdue::SystemClock.now_ms())
+        } else {
+            u
+        }
+    };
+    // Fails here, before any work, on a bad trigger URL.
+    args.trigger.external(&trigger_url)?;
     let quiet = args.json;
     let mut stores: Vec<Arc<dyn Store>> = Vec::with_capacity(args.nodes);
     for _ in 0..args.nodes {
@@ -260,7 +301,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let mut report = Report {
         backend: url.clone(),
-        trigger: args.trigger.to_string(),
+        trigger: if args.trigger.is_external() {
+            format!("{} ({})", args.trigger, crate::trigger::redact(&trigger_url))
+        } else {
+            args.trigger.to_string()
+        },
         timers: args.timers,
         producers: args.producers,
         batch: args.batch,
@@ -269,11 +314,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let start_all = |offset_ms: i64, counter: Arc<Counter>| {
         let stores = stores.clone();
-        let trigger = args.trigger;
+        let (trigger, trigger_url) = (args.trigger, trigger_url.clone());
         async move {
             let mut engines = Vec::with_capacity(stores.len());
             for (i, store) in stores.into_iter().enumerate() {
-                engines.push(Arc::new(start_engine(store, trigger, offset_ms, counter.clone(), i).await?));
+                let external = trigger.external(&trigger_url)?;
+                engines.push(Arc::new(start_engine(store, trigger.kind(), external, offset_ms, counter.clone(), i).await?));
             }
             anyhow::Ok(engines)
         }
@@ -303,7 +349,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     report.fire_burst_seconds = secs;
     report.fire_per_sec = args.timers as f64 / secs;
     report.fire_split = counter.split();
+    report.fire_backstop_rescued = engines.iter().map(|e| e.stats().backstop_rescued).sum();
     stop_all(engines).await;
+    // Their notices' keys would wait out their hour in Redis (and slow its expiry cycle).
+    args.trigger.purge(&trigger_url).await.context("deleting the fire phase's expiry keys")?;
 
     // 3. steady rate
     if args.rate > 0 && args.rate_seconds > 0 {
@@ -372,6 +421,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     report.peak_rss_bytes = rss_bytes().1;
     drop(stores);
+    if let Err(e) = args.trigger.purge(&trigger_url).await {
+        eprintln!("warning: could not delete the trigger's remaining keys: {e:#}");
+    }
     if let Some((base, schema)) = own_schema {
         drop_schema(&base, &schema).await;
     }
@@ -392,6 +444,9 @@ fn print_table(r: &Report) {
     println!("{:<34} {:>18}", format!("fire ({} due at once)", thousands(r.timers)), format!("{} /s", thousands(r.fire_per_sec as u64)));
     if r.nodes > 1 {
         println!("{:<34} {:>18}", "  fired per node", join(&r.fire_split));
+    }
+    if r.fire_backstop_rescued > 0 {
+        println!("{:<34} {:>18}", "  of which by the backstop", thousands(r.fire_backstop_rescued));
     }
     if let Some(s) = &r.steady {
         println!("{:<34} {:>18}", format!("steady {} /s for {} s", thousands(s.rate_per_sec), s.seconds), format!("{} fired", thousands(s.fired)));

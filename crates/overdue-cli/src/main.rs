@@ -8,6 +8,7 @@ mod demo;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod node_worker;
 mod serve;
+mod trigger;
 mod util;
 
 use std::process::ExitCode;
