@@ -648,7 +648,9 @@ impl Store for RedissonStore {
 
     async fn cancel(&self, queue: &str, key: &str) -> Result<Option<u64>> {
         let mut inv = self.invocation(&self.inner.scripts.cancel, &[queue]);
-        inv.arg(key).arg(0);
+        // No `now` for cancel: a queue adopted by a `redisson:<sha1>` lookup is stamped with the
+        // server's TIME.
+        inv.arg(key).arg(SERVER_TIME);
         let mut con = self.con();
         self.track(inv.invoke_async(&mut con).await)
     }

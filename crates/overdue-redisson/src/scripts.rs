@@ -23,6 +23,12 @@ local NQ = tonumber(ARGV[1])
 local A = NQ + 1
 local function G(qi) return 5 + (qi - 1) * 11 end
 local function fmt(n) return string.format('%d', n) end
+-- `now` as given, or the Redis server's TIME in ms when it is -1 (calls without a clock).
+local function clock(now)
+  if now ~= '-1' then return now end
+  local t = redis.call('TIME')
+  return fmt(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
 -- A score as whole milliseconds, rounded up, clamped to [0, 2^53].
 local function dnum(d)
   local n = math.ceil(tonumber(d) or 0)
@@ -216,9 +222,9 @@ end
 return out
 "#;
 
-/// One queue. ARGV: key, now. Returns the removed generation or nil.
+/// One queue. ARGV: key, now (-1: the server's TIME). Returns the removed generation or nil.
 const CANCEL: &str = r#"
-local key, now = ARGV[A + 1], ARGV[A + 2]
+local key, now = ARGV[A + 1], clock(ARGV[A + 2])
 local v, m = lookup(5, key, now)
 if not v then return false end
 withdraw(5, m)
@@ -400,10 +406,7 @@ return ng
 /// last_error, value; without, the generation).
 const RANGE: &str = r#"
 local upto, limit, details, now = ARGV[A + 1], tonumber(ARGV[A + 2]), ARGV[A + 3] == '1', ARGV[A + 4]
-if now == '-1' then
-  local t = redis.call('TIME')
-  now = fmt(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-end
+now = clock(now)
 local out = {}
 local function emit(qi, b, key, due, v, m)
   out[#out + 1] = qi

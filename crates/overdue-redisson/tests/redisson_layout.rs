@@ -395,3 +395,74 @@ mod recorded {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_nodes_and_a_java_transfer_deliver_each_value_exactly_once() {
+    let Some(f) = common::Fresh::new("codec=string&queue=q").await else { return };
+    let (a, b) = (open(&f.url_with("node=a")).await, open(&f.url_with("node=b")).await);
+    let mut con = f.con();
+    let n = f.name("q");
+    let specs: Vec<TimerSpec> =
+        (0..1_000).map(|i| TimerSpec::new("q", format!("o{i}"), T0 + i % 50).with_payload(format!("o{i}"))).collect();
+    a.schedule(specs, T0).await.expect("schedule");
+    for i in 0..1_000u64 {
+        java_offer(&mut con, &n, T0 + (i % 50) as i64, &i.to_le_bytes(), format!("j{i}").as_bytes()).await;
+    }
+    let drain = |s: RedissonStore| async move {
+        loop {
+            let c = s.claim_due(T0 + 100, T0 + 100, 100, s.node(), T0 + 60_000).await.expect("claim");
+            if c.is_empty() {
+                break;
+            }
+            s.settle(c.into_iter().map(|c| Settlement::Done(c.timer)).collect(), T0 + 100).await.expect("settle");
+        }
+    };
+    let java = async {
+        let mut con = f.con();
+        while java_transfer(&mut con, &n, "Bc0Lc0", T0 + 100).await.is_some() {}
+    };
+    tokio::join!(drain(a.clone()), drain(b.clone()), java);
+    drain(a.clone()).await;
+    let mut got: Vec<String> =
+        lrange(&mut con, &n).await.into_iter().map(|v| String::from_utf8(v).expect("utf-8")).collect();
+    got.sort();
+    let mut want: Vec<String> = (0..1_000).flat_map(|i| [format!("o{i}"), format!("j{i}")]).collect();
+    want.sort();
+    assert_eq!(got.len(), want.len(), "values delivered more or less than once");
+    assert_eq!(got, want);
+    let k = a.queue_keys("q");
+    let left: i64 = redis::cmd("EXISTS")
+        .arg(&k.timeout)
+        .arg(&k.ordered)
+        .arg(&k.fly)
+        .arg(&k.lease)
+        .query_async(&mut con)
+        .await
+        .expect("EXISTS");
+    assert_eq!(left, 0);
+    assert!(a.list(&ListQuery::default(), T0 + 200).await.expect("list").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_java_offer_can_be_read_moved_and_cancelled_by_its_key_before_any_scan() {
+    let Some(f) = common::Fresh::new("codec=string&queue=q").await else { return };
+    let store = open(&f.url).await;
+    let mut con = f.con();
+    let n = f.name("q");
+    java_offer(&mut con, &n, T0 + 500, b"aaaaaaaa", b"first").await;
+    java_offer(&mut con, &n, T0 + 600, b"bbbbbbbb", b"second").await;
+    let key = |id: &[u8], v: &[u8]| member::pack_bc0lc0(id, v);
+    let k1 = format!("redisson:{}", sha1hex(&mut con, &key(b"aaaaaaaa", b"first")).await);
+    let k2 = format!("redisson:{}", sha1hex(&mut con, &key(b"bbbbbbbb", b"second")).await);
+    let t = store.get("q", &k1, T0).await.expect("get").expect("found by its key");
+    assert_eq!((t.due_at, t.payload.as_slice()), (T0 + 500, &b"first"[..]));
+    let g = store.reschedule("q", &k1, T0 + 700, T0).await.expect("reschedule").expect("found");
+    assert!(g > t.generation);
+    let zk = store.queue_keys("q");
+    assert_eq!(zrange(&mut con, &zk.timeout).await.iter().map(|(_, s)| *s).collect::<Vec<_>>(), [T0 + 600, T0 + 700]);
+    assert!(store.cancel("q", &k2).await.expect("cancel").is_some());
+    assert_eq!(store.cancel("q", &k2).await.expect("cancel"), None);
+    let all: Vec<Vec<u8>> = redis::Script::new(JAVA_READ_ALL).key(&zk.ordered).invoke_async(&mut con).await.expect("readAll");
+    assert_eq!(all, vec![b"first".to_vec()], "the cancelled offer left the ordered list");
+    assert!(store.get("q", "redisson:0000000000000000000000000000000000000000", T0).await.expect("get").is_none());
+}
