@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Receiver, T0, TestServer, assert_error, header};
+use common::{Db, Receiver, T0, TestServer, assert_error, every_backend, header};
 use overdue_server::callback;
 use serde_json::{Value, json};
 
@@ -40,9 +40,8 @@ async fn stock(s: &TestServer, product_id: &str) -> i64 {
     p["stock"].as_i64().expect("stock")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn product_then_order_then_pay() {
-    let s = TestServer::start().await;
+async fn product_then_order_then_pay(db: Db) {
+    let Some(s) = TestServer::start_on(db).await else { return };
     let p = product(&s, "tea", 10).await;
     assert_eq!((p["stock"].as_i64(), p["stock_total"].as_i64()), (Some(10), Some(10)));
     let o = order(&s, "alice", "tea", 3).await;
@@ -80,9 +79,8 @@ async fn product_then_order_then_pay() {
     s.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unpaid_order_closes_at_its_deadline_and_a_late_payment_is_refused() {
-    let s = TestServer::start().await;
+async fn unpaid_order_closes_at_its_deadline_and_a_late_payment_is_refused(db: Db) {
+    let Some(s) = TestServer::start_on(db).await else { return };
     product(&s, "mug", 5).await;
     let o = order(&s, "bob", "mug", 2).await;
     let oid = id(&o);
@@ -124,9 +122,8 @@ async fn unpaid_order_closes_at_its_deadline_and_a_late_payment_is_refused() {
     s.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ship_confirm_and_auto_confirm() {
-    let s = TestServer::start().await;
+async fn ship_confirm_and_auto_confirm(db: Db) {
+    let Some(s) = TestServer::start_on(db).await else { return };
     product(&s, "pen", 10).await;
     let a = id(&order(&s, "erin", "pen", 1).await);
     let b = id(&order(&s, "erin", "pen", 1).await);
@@ -153,9 +150,8 @@ async fn ship_confirm_and_auto_confirm() {
     s.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refunds_approved_rejected_and_auto_approved() {
-    let s = TestServer::start().await;
+async fn refunds_approved_rejected_and_auto_approved(db: Db) {
+    let Some(s) = TestServer::start_on(db).await else { return };
     product(&s, "hat", 10).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
@@ -187,9 +183,8 @@ async fn refunds_approved_rejected_and_auto_approved() {
     s.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn list_orders_with_status_filter_and_pagination() {
-    let s = TestServer::start().await;
+async fn list_orders_with_status_filter_and_pagination(db: Db) {
+    let Some(s) = TestServer::start_on(db).await else { return };
     product(&s, "cup", 100).await;
     let mut all = Vec::new();
     for i in 0..7 {
@@ -277,3 +272,11 @@ async fn payment_reminder_goes_through_the_outbox_to_the_signed_webhook() {
     assert!(rx.drain().is_empty(), "a delivered message is not sent again");
     s.stop().await;
 }
+
+every_backend!(
+    product_then_order_then_pay,
+    unpaid_order_closes_at_its_deadline_and_a_late_payment_is_refused,
+    ship_confirm_and_auto_confirm,
+    refunds_approved_rejected_and_auto_approved,
+    list_orders_with_status_filter_and_pagination,
+);

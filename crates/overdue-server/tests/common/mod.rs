@@ -12,6 +12,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use overdue::ManualClock;
 use overdue_server::{App, AppConfig, serve};
+#[allow(unused_imports)]
+pub use overdue_testkit::every_backend;
+pub use overdue_testkit::servers::Db;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -35,6 +38,22 @@ pub struct TestServer {
 impl TestServer {
     pub async fn start() -> TestServer {
         TestServer::start_with(|_| {}).await
+    }
+
+    /// A server whose orders and timers live in `db` (a fresh schema or database on a server);
+    /// `None` when that server is unreachable outside CI (under `CI` the helper panics).
+    pub async fn start_on(db: Db) -> Option<TestServer> {
+        let url = match db {
+            Db::Sqlite => None,
+            Db::Postgres => Some(overdue_testkit::servers::postgres::fresh_url("").await?),
+            Db::Mysql => Some(overdue_testkit::servers::mysql::fresh_url("").await?),
+        };
+        Some(TestServer::start_with(move |cfg| {
+            if let Some(url) = url {
+                cfg.backend_url = url;
+            }
+        })
+        .await)
     }
 
     pub async fn start_with(configure: impl FnOnce(&mut AppConfig)) -> TestServer {
