@@ -3,7 +3,11 @@
 //!
 //! It runs one engine node on a shared store and records the effect of every firing of queue
 //! `effect` in an `effects` table of the same database: one row per key under a primary key,
-//! written by the node that fired it first; a repeated delivery only bumps `deliveries`. It
+//! written by the node that fired it first; a repeated delivery only bumps `deliveries`. On a
+//! `redis://` store (which has no tables) the same record goes into two hashes beside the
+//! store's keys, written by one script so the pair is atomic: `P:effects:first` (field = key,
+//! value = `<due_at>,<fired_at>,<node>`, set with `HSETNX`, so first writer wins: the hash field
+//! is the unique constraint) and `P:effects:deliveries` (field = key, `HINCRBY` per delivery). It
 //! prints `READY <node>` once the engine runs, and stops gracefully (releasing its partitions)
 //! on SIGTERM or when its standard input closes; the tests kill it with SIGKILL to simulate a crash.
 
@@ -18,7 +22,8 @@ use overdue::{Clock, Engine, EngineConfig, Firing, Outcome, QueueConfig, Store, 
 /// Options of the hidden `node-worker` subcommand.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// Store URL (`postgres://…` or `mysql://…`); its `node=` parameter names this node.
+    /// Store URL (`postgres://…`, `mysql://…` or `redis://…`); its `node=` parameter names
+    /// this node.
     #[arg(long)]
     backend: String,
     /// Trigger to use.
@@ -28,19 +33,37 @@ pub struct NodeArgs {
     /// node fires them.
     #[arg(long, default_value_t = 5_000)]
     lease_ms: u64,
+    /// Milliseconds a firing holds its claim, half before recording its effect and half after
+    /// (work around the effect, before the acknowledgement): a SIGKILL then always leaves claims
+    /// of both kinds, some whose effect has not happened (a survivor must fire them once their
+    /// lease lapses) and some whose effect has (a survivor re-delivers them and the effect log
+    /// must absorb the repeat). Default 0.
+    #[arg(long, default_value_t = 0)]
+    hold_ms: u64,
 }
 
-/// Where a node records effects: the `effects` table of the store's own database.
-#[derive(Clone, Debug)]
+/// Where a node records effects: the `effects` table of the store's own database, or two
+/// hashes beside a Redis store's keys (see the module docs).
+#[derive(Clone)]
 enum EffectLog {
     #[cfg(feature = "postgres")]
     Pg(sqlx::PgPool),
     #[cfg(feature = "mysql")]
     My(sqlx::MySqlPool),
+    #[cfg(feature = "redis")]
+    Redis { con: redis::aio::ConnectionManager, first: String, deliveries: String, script: Arc<redis::Script> },
 }
 
+/// The Redis effect record: `HSETNX` on the first-effect hash (first writer wins), `HINCRBY`
+/// on the deliveries hash, in one script so the two agree.
+#[cfg(feature = "redis")]
+const REDIS_RECORD: &str = "redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) \
+    return redis.call('HINCRBY', KEYS[2], ARGV[1], 1)";
+
+type EffectError = Box<dyn std::error::Error + Send + Sync>;
+
 impl EffectLog {
-    async fn create(&self) -> Result<(), sqlx::Error> {
+    async fn create(&self) -> Result<(), EffectError> {
         match self {
             #[cfg(feature = "postgres")]
             EffectLog::Pg(pool) => sqlx::query(
@@ -49,7 +72,7 @@ impl EffectLog {
             )
             .execute(pool)
             .await
-            .map(drop),
+            .map(drop)?,
             #[cfg(feature = "mysql")]
             EffectLog::My(pool) => sqlx::query(
                 "CREATE TABLE IF NOT EXISTS effects (`key` VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin PRIMARY KEY, \
@@ -58,12 +81,15 @@ impl EffectLog {
             )
             .execute(pool)
             .await
-            .map(drop),
+            .map(drop)?,
+            #[cfg(feature = "redis")]
+            EffectLog::Redis { .. } => {}
         }
+        Ok(())
     }
 
     /// The first delivery of a key writes its row; a repeat only bumps `deliveries`.
-    async fn record(&self, key: &str, node: &str, due_at: i64, fired_at: i64) -> Result<(), sqlx::Error> {
+    async fn record(&self, key: &str, node: &str, due_at: i64, fired_at: i64) -> Result<(), EffectError> {
         match self {
             #[cfg(feature = "postgres")]
             EffectLog::Pg(pool) => sqlx::query(
@@ -76,7 +102,7 @@ impl EffectLog {
             .bind(fired_at)
             .execute(pool)
             .await
-            .map(drop),
+            .map(drop)?,
             #[cfg(feature = "mysql")]
             EffectLog::My(pool) => sqlx::query(
                 "INSERT INTO effects (`key`, node, due_at, fired_at, deliveries) VALUES (?, ?, ?, ?, 1) \
@@ -88,8 +114,20 @@ impl EffectLog {
             .bind(fired_at)
             .execute(pool)
             .await
-            .map(drop),
+            .map(drop)?,
+            #[cfg(feature = "redis")]
+            EffectLog::Redis { con, first, deliveries, script } => {
+                let mut con = con.clone();
+                let _: i64 = script
+                    .key(first)
+                    .key(deliveries)
+                    .arg(key)
+                    .arg(format!("{due_at},{fired_at},{node}"))
+                    .invoke_async(&mut con)
+                    .await?;
+            }
         }
+        Ok(())
     }
 }
 
@@ -112,17 +150,40 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             let c = s.clone();
             (Arc::new(s), log, node, Box::pin(async move { c.close().await }))
         }
-        _ => bail!("node-worker needs a shared store: a postgres:// or mysql:// URL"),
+        #[cfg(feature = "redis")]
+        Some("redis") => {
+            // No partitions to give back: a graceful stop only settles what is in flight.
+            let s = overdue::redis::RedisStore::open_url(&args.backend).await?;
+            let p = s.prefix();
+            let log = EffectLog::Redis {
+                con: s.connection(),
+                first: format!("{p}:effects:first"),
+                deliveries: format!("{p}:effects:deliveries"),
+                script: Arc::new(redis::Script::new(REDIS_RECORD)),
+            };
+            let node = s.node().to_owned();
+            (Arc::new(s), log, node, Box::pin(async { Ok(()) }))
+        }
+        _ => bail!("node-worker needs a shared store: a postgres://, mysql:// or redis:// URL"),
     };
-    log.create().await.context("creating the effects table")?;
+    log.create().await.map_err(|e| anyhow::anyhow!(e)).context("creating the effects table")?;
     let who = node.clone();
+    let hold = Duration::from_millis(args.hold_ms);
     let handler = move |f: Firing| {
         let log = log.clone();
         let node = who.clone();
         async move {
+            if !hold.is_zero() {
+                tokio::time::sleep(hold / 2).await;
+            }
             let fired_at = overdue::SystemClock.now_ms();
             match log.record(&f.key, &node, f.due_at, fired_at).await {
-                Ok(()) => Outcome::Done,
+                Ok(()) => {
+                    if !hold.is_zero() {
+                        tokio::time::sleep(hold / 2).await;
+                    }
+                    Outcome::Done
+                }
                 Err(e) => Outcome::fail(e),
             }
         }
