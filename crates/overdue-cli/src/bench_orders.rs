@@ -40,6 +40,12 @@ pub struct OrdersBenchArgs {
     /// SQLite durability of the server's store: buffer, normal or full.
     #[arg(long, default_value = "full")]
     durability: String,
+    /// Run the server on this database instead of a fresh SQLite file: `postgres://…` (a fresh
+    /// schema `overdue_bench_<ms>` is created and dropped) or `mysql://USER@HOST:PORT` (a fresh
+    /// database `overdue_bench_<ms>` is created and dropped; any database in the URL is
+    /// replaced).
+    #[arg(long)]
+    backend: Option<String>,
     /// Load generator: `raw` (hand-written HTTP/1.1 on keep-alive connections, one thread) or
     /// `reqwest` (the reqwest client on the bench's runtime; costs more CPU per request).
     #[arg(long, value_enum, default_value = "raw")]
@@ -67,6 +73,7 @@ struct OrdersReport {
     clients: usize,
     seconds: u64,
     durability: String,
+    backend: String,
     trigger: String,
     created: u64,
     created_per_sec: f64,
@@ -110,6 +117,105 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
         bail!("--clients, --seconds and --timeout-secs must be positive and --pay-ratio within 0..=1");
     }
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
+    let place = match &args.backend {
+        None => Place::Sqlite(format!("sqlite:{}?durability={}", tmp.path().join("orders.db").display(), args.durability)),
+        Some(url) => Place::fresh(url).await?,
+    };
+    let result = bench(&args, &place).await;
+    place.drop_fresh().await;
+    result
+}
+
+/// Where the bench server keeps its data, and how to clean it away.
+enum Place {
+    Sqlite(String),
+    /// `(server url, url of the fresh place, name)`.
+    Postgres(String, String, String),
+    Mysql(String, String, String),
+}
+
+impl Place {
+    fn url(&self) -> &str {
+        match self {
+            Place::Sqlite(u) | Place::Postgres(_, u, _) | Place::Mysql(_, u, _) => u,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Place::Sqlite(_) => "sqlite".to_owned(),
+            Place::Postgres(_, _, n) => format!("postgres (schema {n})"),
+            Place::Mysql(_, _, n) => format!("mysql (database {n})"),
+        }
+    }
+
+    async fn fresh(url: &str) -> anyhow::Result<Place> {
+        let name = format!("overdue_bench_{}", overdue::Clock::now_ms(&overdue::SystemClock));
+        let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            if url.contains("schema=") {
+                bail!("--backend: leave out schema=; the bench creates a fresh schema and drops it after the run");
+            }
+            let sep = if query.is_some() { '&' } else { '?' };
+            return Ok(Place::Postgres(base.to_owned(), format!("{url}{sep}schema={name}"), name));
+        }
+        if url.starts_with("mysql://") {
+            let host_end = base.find("://").map(|i| i + 3).and_then(|s| base[s..].find('/').map(|i| s + i)).unwrap_or(base.len());
+            let server = &base[..host_end];
+            mysql_admin(server, &format!("CREATE DATABASE {name}")).await?;
+            let fresh = match query {
+                Some(q) => format!("{server}/{name}?{q}"),
+                None => format!("{server}/{name}"),
+            };
+            return Ok(Place::Mysql(server.to_owned(), fresh, name));
+        }
+        bail!("--backend must be postgres://… or mysql://… (leave it out for SQLite)")
+    }
+
+    /// Drops the fresh schema or database (best effort: a failure is reported, the results stand).
+    async fn drop_fresh(&self) {
+        let done = match self {
+            Place::Sqlite(_) => Ok(()),
+            Place::Postgres(server, _, name) => pg_admin(server, &format!("DROP SCHEMA IF EXISTS {name} CASCADE")).await,
+            Place::Mysql(server, _, name) => mysql_admin(server, &format!("DROP DATABASE IF EXISTS {name}")).await,
+        };
+        if let Err(e) = done {
+            eprintln!("warning: could not drop the bench's {}: {e:#}", self.describe());
+        }
+    }
+}
+
+async fn pg_admin(server: &str, statement: &str) -> anyhow::Result<()> {
+    #[cfg(feature = "postgres")]
+    {
+        let pool = sqlx::PgPool::connect(server).await.with_context(|| format!("connecting to {}", overdue::redact_url(server)))?;
+        sqlx::query(statement).execute(&pool).await?;
+        pool.close().await;
+        Ok(())
+    }
+    #[cfg(not(feature = "postgres"))]
+    {
+        let _ = (server, statement);
+        bail!("this build has no postgres support")
+    }
+}
+
+async fn mysql_admin(server: &str, statement: &str) -> anyhow::Result<()> {
+    #[cfg(feature = "mysql")]
+    {
+        let pool = sqlx::MySqlPool::connect(server).await.with_context(|| format!("connecting to {}", overdue::redact_url(server)))?;
+        sqlx::query(statement).execute(&pool).await?;
+        pool.close().await;
+        Ok(())
+    }
+    #[cfg(not(feature = "mysql"))]
+    {
+        let _ = (server, statement);
+        bail!("this build has no mysql support")
+    }
+}
+
+async fn bench(args: &OrdersBenchArgs, place: &Place) -> anyhow::Result<ExitCode> {
     let port = free_port()?;
     let base = format!("http://127.0.0.1:{port}");
     let exe = std::env::current_exe().context("locating the overdue binary")?;
@@ -125,7 +231,7 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
     let mut child = command
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--trigger", &args.trigger])
         .arg("--backend")
-        .arg(format!("sqlite:{}?durability={}", tmp.path().join("orders.db").display(), args.durability))
+        .arg(place.url())
         .args(["--pay-timeout-secs", &args.timeout_secs.to_string(), "--remind-before-secs", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -241,6 +347,7 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
         clients: args.clients,
         seconds: args.seconds,
         durability: args.durability.clone(),
+        backend: place.describe(),
         trigger: args.trigger.clone(),
         created: created.load(Ordering::Relaxed),
         created_per_sec: created.load(Ordering::Relaxed) as f64 / load_secs,
@@ -264,7 +371,10 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        println!("overdue bench orders — {} clients for {} s, durability {}, trigger {}", r.clients, r.seconds, r.durability, r.trigger);
+        println!(
+            "overdue bench orders — {} clients for {} s, backend {}, durability {}, trigger {}",
+            r.clients, r.seconds, r.backend, r.durability, r.trigger
+        );
         println!("{:<36} {:>14}", "orders created", format!("{} ({:.0}/s)", r.created, r.created_per_sec));
         println!("{:<36} {:>14}", "orders paid", format!("{} ({:.0}/s)", r.paid, r.paid_per_sec));
         println!("{:<36} {:>14}", "closed on timeout", r.closed);
