@@ -709,9 +709,11 @@ impl Store for RedisStore {
             let due_at = int(&it.next().unwrap_or_default())?;
             let attempts = int(&it.next().unwrap_or_default())?.max(0) as u32;
             let payload = bytes(it.next().unwrap_or_default())?;
-            out.push(Claimed { timer: TimerRef { due_at, ..t.clone() }, payload, attempts });
+            out.push((i, Claimed { timer: TimerRef { due_at, ..t.clone() }, payload, attempts }));
         }
-        Ok(out)
+        // The script answers queue by queue; the contract is input order.
+        out.sort_unstable_by_key(|(i, _)| *i);
+        Ok(out.into_iter().map(|(_, c)| c).collect())
     }
 
     async fn claim_due(&self, now: i64, due_before: i64, limit: u32, owner: &str, lease_until: i64) -> Result<Vec<Claimed>> {

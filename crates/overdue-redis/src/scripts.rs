@@ -16,6 +16,31 @@ local function parse(v)
   return g, a, c, du, e
 end
 local function fmt(n) return string.format('%d', n) end
+-- Most arguments a variadic call gets at once (Lua's unpack stops near 8,000); an even number,
+-- so ZADD/HSET pairs are never split.
+local VCHUNK = 4000
+-- One variadic command over a flat list of arguments, in chunks: a batch of n timers costs
+-- n/VCHUNK calls instead of n (a redis.call from Lua costs more than the work of a small one).
+local function vcall(cmd, key, args)
+  local i, n = 1, #args
+  while i <= n do
+    local j = math.min(i + VCHUNK - 1, n)
+    redis.call(cmd, key, unpack(args, i, j))
+    i = j + 1
+  end
+end
+-- Like vcall for a reading command (HMGET, ZMSCORE): the replies concatenated, nil as false.
+local function vget(cmd, key, args)
+  local out = {}
+  local i, n = 1, #args
+  while i <= n do
+    local j = math.min(i + VCHUNK - 1, n)
+    local r = redis.call(cmd, key, unpack(args, i, j))
+    for x = 1, #r do out[#out + 1] = r[x] end
+    i = j + 1
+  end
+  return out
+end
 local function record(g, attempts, created, updated, payload)
   return g .. ',' .. attempts .. ',' .. created .. ',' .. fmt(tonumber(updated) - tonumber(created)) .. ',' .. payload
 end
@@ -66,24 +91,69 @@ local function upsert(b, key, due, payload, g, now)
   redis.call('HSET', KEYS[b + 1], key, record(fmt(g), 0, created, now, payload))
   redis.call('ZADD', KEYS[b], due, key)
 end
--- If key (record v) is due at now and not under a live lease, claims it for owner until
--- lease_until and returns due, attempts, payload.
-local function take(b, key, v, now, owner, lease_until)
-  local due = redis.call('ZSCORE', KEYS[b], key)
-  if due then
-    if tonumber(due) > now then return nil end
-    redis.call('ZREM', KEYS[b], key)
-    redis.call('ZADD', KEYS[b + 2], due, key)
-  else
-    local l = redis.call('ZSCORE', KEYS[b + 3], key)
-    if not l or tonumber(l) > now then return nil end
-    due = redis.call('ZSCORE', KEYS[b + 2], key)
-    if not due or tonumber(due) > now then return nil end
+-- Claims, in the group of queue keys at b, those of keys (distinct) whose record exists, whose
+-- generation equals gens[j] (any generation if gens is nil), that are due at now and not under
+-- a live lease; for owner until lease_until. A handful of variadic calls for the whole list.
+-- Returns, per claimed key, {j, generation, due, attempts, payload} in the order of keys.
+local function take_all(b, keys, gens, now, owner, lease_until)
+  local recs = vget('HMGET', KEYS[b + 1], keys)
+  local dues = vget('ZMSCORE', KEYS[b], keys)
+  local won, moved, again = {}, {}, {}
+  for j = 1, #keys do
+    local v = recs[j]
+    if v then
+      local g = string.match(v, '^(%d+),')
+      if gens == nil or g == gens[j] then
+        local d = dues[j]
+        if d then
+          if tonumber(d) <= now then
+            won[#won + 1] = {j, g, d, v}
+            moved[#moved + 1] = j
+          end
+        else
+          again[#again + 1] = j
+        end
+      end
+    end
   end
-  redis.call('ZADD', KEYS[b + 3], lease_until, key)
-  redis.call('HSET', KEYS[b + 4], key, owner)
-  local g, a, c, du, e = parse(v)
-  return due, tonumber(a), string.sub(v, e + 1)
+  if #again > 0 then
+    -- Not pending: claimable only if in flight under an expired lease.
+    local ks = {}
+    for x = 1, #again do ks[x] = keys[again[x]] end
+    local ls = vget('ZMSCORE', KEYS[b + 3], ks)
+    local fs = vget('ZMSCORE', KEYS[b + 2], ks)
+    for x = 1, #again do
+      if ls[x] and tonumber(ls[x]) <= now and fs[x] and tonumber(fs[x]) <= now then
+        local j = again[x]
+        won[#won + 1] = {j, string.match(recs[j], '^(%d+),'), fs[x], recs[j]}
+      end
+    end
+    table.sort(won, function(x, y) return x[1] < y[1] end)
+  end
+  if #won == 0 then return won end
+  local rem, fly, lease, own = {}, {}, {}, {}
+  for x = 1, #moved do
+    local j = moved[x]
+    rem[#rem + 1] = keys[j]
+    fly[#fly + 1] = dues[j]
+    fly[#fly + 1] = keys[j]
+  end
+  local out = {}
+  for x = 1, #won do
+    local w = won[x]
+    local key = keys[w[1]]
+    lease[#lease + 1] = lease_until
+    lease[#lease + 1] = key
+    own[#own + 1] = key
+    own[#own + 1] = owner
+    local _, e, _, a = string.find(w[4], '^(%d+),(%d+),%d+,%d+,')
+    out[x] = {w[1], w[2], w[3], tonumber(a), string.sub(w[4], e + 1)}
+  end
+  vcall('ZREM', KEYS[b], rem)
+  vcall('ZADD', KEYS[b + 2], fly)
+  vcall('ZADD', KEYS[b + 3], lease)
+  vcall('HSET', KEYS[b + 4], own)
+  return out
 end
 "#;
 
@@ -95,12 +165,50 @@ for i = 1, nq do redis.call('SADD', KEYS[2], ARGV[3 + i]) end
 local last = redis.call('INCRBY', KEYS[1], n)
 local first = last - n + 1
 local out = {}
+-- Per queue: the keys and their entries, so each queue costs a few variadic calls.
+local groups = {}
 local o = 3 + nq
 for i = 0, n - 1 do
   local qi = tonumber(ARGV[o + 1])
-  upsert(3 + (qi - 1) * 7, ARGV[o + 2], ARGV[o + 3], ARGV[o + 4], first + i, now)
+  local g = groups[qi]
+  if not g then
+    g = {}
+    groups[qi] = g
+  end
+  g[#g + 1] = o
   out[i + 1] = first + i
   o = o + 4
+end
+local nnow = tonumber(now)
+for qi, g in pairs(groups) do
+  local b = 3 + (qi - 1) * 7
+  local keys = {}
+  for x = 1, #g do keys[x] = ARGV[g[x] + 2] end
+  local olds = vget('HMGET', KEYS[b + 1], keys)
+  local replaced, recs, dues = {}, {}, {}
+  for x = 1, #g do
+    local oi = g[x]
+    local created, key = nnow, keys[x]
+    if olds[x] then
+      local c = string.match(olds[x], '^%d+,%d+,(%d+),')
+      if c then created = tonumber(c) end
+      replaced[#replaced + 1] = key
+    end
+    local gen = first + (oi - 3 - nq) / 4
+    recs[#recs + 1] = key
+    recs[#recs + 1] = fmt(gen) .. ',0,' .. fmt(created) .. ',' .. fmt(nnow - created) .. ',' .. ARGV[oi + 4]
+    dues[#dues + 1] = ARGV[oi + 3]
+    dues[#dues + 1] = key
+  end
+  if #replaced > 0 then
+    -- A replaced timer loses its claim and its last error.
+    vcall('ZREM', KEYS[b + 2], replaced)
+    vcall('ZREM', KEYS[b + 3], replaced)
+    vcall('HDEL', KEYS[b + 4], replaced)
+    vcall('HDEL', KEYS[b + 5], replaced)
+  end
+  vcall('HSET', KEYS[b + 1], recs)
+  vcall('ZADD', KEYS[b], dues)
 end
 return out
 "#;
@@ -136,20 +244,33 @@ return {v, due_of(1, ARGV[1]), redis.call('ZSCORE', KEYS[4], ARGV[1]),
 /// triples. Returns (entry index, due, attempts, payload) per claimed timer.
 const CLAIM: &str = r#"
 local now, lease_until, owner = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local out = {}
+-- Per queue: distinct keys with their generations and entry indexes.
+local groups = {}
 local i = 0
 for o = 4, #ARGV, 3 do
   i = i + 1
-  local b, key = 1 + (tonumber(ARGV[o]) - 1) * 7, ARGV[o + 1]
-  local v = redis.call('HGET', KEYS[b + 1], key)
-  if v and parse(v) == ARGV[o + 2] then
-    local d, a, p = take(b, key, v, now, owner, lease_until)
-    if d then
-      out[#out + 1] = i
-      out[#out + 1] = d
-      out[#out + 1] = a
-      out[#out + 1] = p
-    end
+  local qi = tonumber(ARGV[o])
+  local g = groups[qi]
+  if not g then
+    g = {keys = {}, gens = {}, idx = {}, seen = {}}
+    groups[qi] = g
+  end
+  local key = ARGV[o + 1]
+  if not g.seen[key] then
+    g.seen[key] = true
+    local n = #g.keys + 1
+    g.keys[n], g.gens[n], g.idx[n] = key, ARGV[o + 2], i
+  end
+end
+local out = {}
+for qi, g in pairs(groups) do
+  local won = take_all(1 + (qi - 1) * 7, g.keys, g.gens, now, owner, lease_until)
+  for x = 1, #won do
+    local w = won[x]
+    out[#out + 1] = g.idx[w[1]]
+    out[#out + 1] = w[3]
+    out[#out + 1] = w[4]
+    out[#out + 1] = w[5]
   end
 end
 return out
@@ -168,9 +289,12 @@ for qi = 1, #KEYS / 7 do
   local r = redis.call('ZRANGEBYSCORE', KEYS[b], '-inf', due_before, 'WITHSCORES', 'LIMIT', 0, limit)
   for j = 1, #r, 2 do cands[#cands + 1] = {tonumber(r[j + 1]), qi, r[j]} end
   local x = redis.call('ZRANGEBYSCORE', KEYS[b + 3], '-inf', now, 'LIMIT', 0, limit)
-  for j = 1, #x do
-    local d = redis.call('ZSCORE', KEYS[b + 2], x[j])
-    if d and tonumber(d) <= tonumber(due_before) then cands[#cands + 1] = {tonumber(d), qi, x[j]} end
+  if #x > 0 then
+    local ds = vget('ZMSCORE', KEYS[b + 2], x)
+    for j = 1, #x do
+      local d = ds[j]
+      if d and tonumber(d) <= tonumber(due_before) then cands[#cands + 1] = {tonumber(d), qi, x[j]} end
+    end
   end
 end
 table.sort(cands, function(x, y)
@@ -178,22 +302,28 @@ table.sort(cands, function(x, y)
   if x[2] ~= y[2] then return x[2] < y[2] end
   return lt(x[3], y[3])
 end)
-local out = {}
+-- The first limit candidates, claimed queue by queue; the caller sorts the result.
+local groups = {}
 for j = 1, math.min(limit, #cands) do
-  local qi, key = cands[j][2], cands[j][3]
-  local b = 1 + (qi - 1) * 7
-  local v = redis.call('HGET', KEYS[b + 1], key)
-  if v then
-    local g = parse(v)
-    local d, a, p = take(b, key, v, now, owner, lease_until)
-    if d then
-      out[#out + 1] = qi
-      out[#out + 1] = key
-      out[#out + 1] = tonumber(g)
-      out[#out + 1] = d
-      out[#out + 1] = a
-      out[#out + 1] = p
-    end
+  local qi = cands[j][2]
+  local g = groups[qi]
+  if not g then
+    g = {}
+    groups[qi] = g
+  end
+  g[#g + 1] = cands[j][3]
+end
+local out = {}
+for qi, keys in pairs(groups) do
+  local won = take_all(1 + (qi - 1) * 7, keys, nil, now, owner, lease_until)
+  for x = 1, #won do
+    local w = won[x]
+    out[#out + 1] = qi
+    out[#out + 1] = keys[w[1]]
+    out[#out + 1] = tonumber(w[2])
+    out[#out + 1] = w[3]
+    out[#out + 1] = w[4]
+    out[#out + 1] = w[5]
   end
 end
 return out
@@ -206,7 +336,54 @@ return out
 const SETTLE: &str = r#"
 local now, nq = ARGV[1], tonumber(ARGV[2])
 local applied = 0
+-- Done entries (the common case) of keys named once in the batch are applied together, a few
+-- variadic calls per queue; every other entry runs one by one, in batch order, afterwards.
+local count = {}
 for o = 3 + nq, #ARGV, 7 do
+  local ck = ARGV[o + 1] .. ',' .. ARGV[o + 2]
+  count[ck] = (count[ck] or 0) + 1
+end
+local done, rest = {}, {}
+for o = 3 + nq, #ARGV, 7 do
+  local qi = tonumber(ARGV[o + 1])
+  if ARGV[o] == 'D' and count[ARGV[o + 1] .. ',' .. ARGV[o + 2]] == 1 then
+    local g = done[qi]
+    if not g then
+      g = {keys = {}, gens = {}}
+      done[qi] = g
+    end
+    g.keys[#g.keys + 1] = ARGV[o + 2]
+    g.gens[#g.gens + 1] = ARGV[o + 3]
+  else
+    rest[#rest + 1] = o
+  end
+end
+for qi, g in pairs(done) do
+  local b = 3 + (qi - 1) * 7
+  local recs = vget('HMGET', KEYS[b + 1], g.keys)
+  local del = {}
+  for j = 1, #g.keys do
+    local v = recs[j]
+    if v and string.match(v, '^(%d+),') == g.gens[j] then del[#del + 1] = g.keys[j] end
+  end
+  if #del > 0 then
+    applied = applied + #del
+    vcall('HDEL', KEYS[b + 1], del)
+    -- A timer is in exactly one of due and fly, and lease and owner name only fly's members:
+    -- when every one was in flight (the usual case) due, lease and owner need no lookups.
+    local flying = 0
+    for x = 1, #del, VCHUNK do
+      flying = flying + redis.call('ZREM', KEYS[b + 2], unpack(del, x, math.min(x + VCHUNK - 1, #del)))
+    end
+    if flying < #del then vcall('ZREM', KEYS[b], del) end
+    if flying > 0 then
+      vcall('ZREM', KEYS[b + 3], del)
+      vcall('HDEL', KEYS[b + 4], del)
+    end
+    if redis.call('EXISTS', KEYS[b + 5]) == 1 then vcall('HDEL', KEYS[b + 5], del) end
+  end
+end
+for _, o in ipairs(rest) do
   local kind, qi, key, gen = ARGV[o], tonumber(ARGV[o + 1]), ARGV[o + 2], ARGV[o + 3]
   local b = 3 + (qi - 1) * 7
   local v = redis.call('HGET', KEYS[b + 1], key)
@@ -284,10 +461,17 @@ for qi = 1, #KEYS / 7 do
   local o = 4 + (qi - 1) * 3
   for _, z in ipairs({KEYS[b], KEYS[b + 2]}) do
     local r = rng(z, ARGV[o], ARGV[o + 1], ARGV[o + 2])
+    local ks = {}
     for j = 1, #r, 2 do
       if tonumber(r[j + 1]) > tonumber(upto) then break end
+      ks[#ks + 1] = r[j]
+    end
+    local vs = {}
+    if #ks > 0 then vs = vget('HMGET', KEYS[b + 1], ks) end
+    for x = 1, #ks do
+      local j = 2 * x - 1
       local key = r[j]
-      local v = redis.call('HGET', KEYS[b + 1], key)
+      local v = vs[x]
       if v then
         out[#out + 1] = qi
         out[#out + 1] = key
