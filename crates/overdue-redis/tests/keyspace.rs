@@ -1,6 +1,7 @@
 //! The Redis key-expiry trigger (`--trigger keyspace`) over the SQLite store with its outbox on:
 //! the whole conformance suite, a subscriber killed while timers come due (the backstop rescues
-//! every one, once, and counts it), and the configuration errors. Under `CI` an unreachable
+//! every one, once, and counts it), a private Redis killed and restarted (the reconnecting
+//! trigger turns the forgotten events on again), and the configuration errors. Under `CI` an unreachable
 //! Redis fails these tests; elsewhere it skips them.
 //!
 //! Key expiry happens in real time, so these tests wait for it, always by polling a condition
@@ -333,4 +334,131 @@ async fn start_turns_expired_events_on_and_keeps_the_other_flags() {
     let mut want: Vec<char> = "KgEx".chars().collect();
     want.sort_unstable();
     assert_eq!(flags, want, "Ex added, Kg kept: {now:?} (Redis normalises the order)");
+}
+
+/// A private `redis-server` (its own free 127.0.0.1 port and directory, nothing on disk), so
+/// that killing and restarting it touches no other test. Killed on drop.
+struct PrivateRedis {
+    bin: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    /// `None` (skipped) without a `redis-server` on `PATH` (or `OVERDUE_REDIS_SERVER`) outside
+    /// CI; under `CI` a failure.
+    fn start() -> Option<PrivateRedis> {
+        let bin = std::env::var_os("OVERDUE_REDIS_SERVER").map(std::path::PathBuf::from).or_else(|| {
+            let path = std::env::var_os("PATH")?;
+            std::env::split_paths(&path).map(|d| d.join("redis-server")).find(|p| p.is_file())
+        });
+        let Some(bin) = bin else {
+            assert!(std::env::var_os("CI").is_none(), "CI is set but no redis-server was found (Debian package redis-server)");
+            eprintln!("skipped: no redis-server found; set CI to make this a failure");
+            return None;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port");
+        let mut s = PrivateRedis { bin, dir: tempfile::tempdir().expect("tempdir"), port, child: None };
+        s.spawn();
+        Some(s)
+    }
+
+    fn spawn(&mut self) {
+        let child = std::process::Command::new(&self.bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--daemonize", "no", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.dir.path().join("redis.log"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+        self.child = Some(child);
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A connection, once the server answers (polled for up to 10 s).
+    async fn con(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(self.url()).expect("url");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Ok(mut c)) = tokio::time::timeout(Duration::from_secs(1), client.get_multiplexed_async_connection()).await
+                && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+            {
+                return c;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "private redis on port {} did not come up", self.port);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn events(&self) -> String {
+        let mut c = self.con().await;
+        let v: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(&mut c).await.expect("config get");
+        v.get(1).cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_redis_forgets_the_events_and_the_reconnecting_trigger_turns_them_on_again() {
+    let Some(mut server) = PrivateRedis::start() else { return };
+    assert_eq!(server.events().await, "", "a fresh redis has key-space events off");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(dir.path().join("o.db"), SqliteOptions { outbox: true, ..SqliteOptions::default() })
+        .await
+        .expect("open");
+    let trigger = KeyspaceTrigger::from_url(&format!("{}?prefix=ot-restart", server.url())).expect("trigger");
+    let clock = ManualClock::new(T0);
+    let engine = Engine::builder(Arc::new(store))
+        .clock(Arc::new(clock.clone()))
+        .external_trigger(Arc::new(trigger.clone()) as Arc<dyn ExternalTrigger>)
+        .handler("q", QueueConfig::default(), |_f: Firing| async { Outcome::Done })
+        .start()
+        .await
+        .expect("start");
+    let events = server.events().await;
+    assert!(with_expired_events(&events).is_none(), "start turned the expired events on: {events:?}");
+    until("subscribed", Duration::from_secs(10), || trigger.subscribed()).await;
+    // The clock moves by milliseconds only, so the backstop (2 s slack) can fire nothing here:
+    // every firing below came through an expiry event.
+    engine.schedule(spec("before", T0 + 100)).await.expect("schedule");
+    until("its key was set", Duration::from_secs(10), || trigger.stats().keys_set == 1).await;
+    clock.set(T0 + 100);
+    until("fired before the restart", Duration::from_secs(10), || engine.stats().completed == 1).await;
+
+    server.kill();
+    until("the trigger noticed", Duration::from_secs(10), || !trigger.subscribed()).await;
+    server.spawn();
+    until("resubscribed after the restart", Duration::from_secs(20), || trigger.subscribed()).await;
+    let events = server.events().await;
+    assert!(with_expired_events(&events).is_none(), "the reconnect turned the events on again: {events:?}");
+    until("healthy again", Duration::from_secs(10), || engine.stats().trigger_healthy).await;
+
+    engine.schedule(spec("after", T0 + 200)).await.expect("schedule after the restart");
+    until("its key was set", Duration::from_secs(10), || trigger.stats().keys_set == 2).await;
+    clock.set(T0 + 200);
+    until("fired after the restart", Duration::from_secs(10), || engine.stats().completed == 2).await;
+    let st = engine.stats();
+    assert_eq!(st.backstop_rescued, 0, "both came through expiry events: {st:?}");
+    assert!(trigger.stats().subscriptions >= 2, "{:?}", trigger.stats());
+    engine.shutdown(Duration::from_secs(5)).await;
 }
