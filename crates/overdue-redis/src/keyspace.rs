@@ -9,7 +9,9 @@
 //!
 //! - **publish** writes one expiring key per notice, `SET <name> "" PX <due_at - now>`, all
 //!   notices of a relay round in one pipeline, and returns `Ok` once Redis has answered every
-//!   command. The value is empty: the key's *name* is the notice.
+//!   command. The value is empty: the key's *name* is the notice. A failed pipeline (some
+//!   commands may have run) is retried whole by the relay, which is harmless: setting the same
+//!   name again gives it the same deadline, and a notice heard twice is fenced by the claim.
 //! - **consume** subscribes to `__keyevent@<db>__:expired`, turns every expired key of this
 //!   prefix back into its notice and hands them, in batches, to [`DueSink::deliver`]. The answer
 //!   decides what happens next: `Ack` — nothing (the key is already gone); `Early` — the key is
