@@ -462,3 +462,63 @@ async fn a_restarted_redis_forgets_the_events_and_the_reconnecting_trigger_turns
     assert!(trigger.stats().subscriptions >= 2, "{:?}", trigger.stats());
     engine.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_hear_every_event_and_the_claim_runs_each_timer_once() {
+    let Some(fresh) = Fresh::new().await else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(dir.path().join("o.db"), SqliteOptions { outbox: true, ..SqliteOptions::default() })
+            .await
+            .expect("open"),
+    );
+    let clock = ManualClock::new(T0);
+    let fired: Arc<Mutex<Vec<Firing>>> = Arc::default();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let trigger = KeyspaceTrigger::from_url(&fresh.url).expect("trigger");
+        let rec = fired.clone();
+        let engine = Engine::builder(store.clone())
+            .clock(Arc::new(clock.clone()))
+            .external_trigger(Arc::new(trigger.clone()) as Arc<dyn ExternalTrigger>)
+            .handler("q", QueueConfig::default(), move |f: Firing| {
+                rec.lock().expect("lock").push(f);
+                async { Outcome::Done }
+            })
+            .start()
+            .await
+            .expect("start");
+        until("subscribed", Duration::from_secs(10), || trigger.subscribed()).await;
+        nodes.push((engine, trigger));
+    }
+    // 100 already due (the due channel) and 100 due in 200 ms (expiry events); both nodes
+    // subscribe to both, so every notice is delivered at least twice.
+    const N: usize = 100;
+    let mut specs: Vec<TimerSpec> = (0..N).map(|i| spec(&format!("now-{i}"), T0)).collect();
+    specs.extend((0..N).map(|i| spec(&format!("soon-{i}"), T0 + 200)));
+    nodes[0].0.schedule_batch(specs).await.expect("schedule");
+    until("published", Duration::from_secs(10), || nodes.iter().map(|(_, t)| t.stats().keys_set).sum::<u64>() >= N as u64).await;
+    clock.set(T0 + 200);
+    let completed = || nodes.iter().map(|(e, _)| e.stats().completed).sum::<u64>();
+    until("every timer completed", Duration::from_secs(15), || completed() == 2 * N as u64).await;
+    let received: u64 = nodes.iter().map(|(_, t)| t.stats().received).sum();
+    until("both nodes heard every notice", Duration::from_secs(15), || {
+        nodes.iter().map(|(_, t)| t.stats().received).sum::<u64>() >= 4 * N as u64
+    })
+    .await;
+    let mut per_key: HashMap<String, usize> = HashMap::new();
+    for f in fired.lock().expect("lock").iter() {
+        *per_key.entry(f.key.clone()).or_default() += 1;
+    }
+    assert_eq!(per_key.len(), 2 * N, "nothing lost");
+    assert!(per_key.values().all(|&n| n == 1), "each ran once: {per_key:?}");
+    let rescued: u64 = nodes.iter().map(|(e, _)| e.stats().backstop_rescued).sum();
+    assert_eq!(rescued, 0, "all came through the trigger (received {received})");
+    until("the losers' wake-ups were dropped", Duration::from_secs(10), || {
+        nodes.iter().map(|(e, _)| e.stats().stale_dropped).sum::<u64>() >= 2 * N as u64
+    })
+    .await;
+    for (e, _) in nodes {
+        e.shutdown(Duration::from_secs(5)).await;
+    }
+}
