@@ -93,6 +93,52 @@ local function withdraw(b, m)
   end
   return false
 end
+-- Below this many removals from one ordered list, one LREM each (scans from the head to the
+-- member); from it on, one scan from the head that tombstones every member (LSET) and one LREM of
+-- the tombstones: O(position of the last one) instead of O(sum of positions).
+local LIST_SCAN_MIN = 4
+local LIST_CHUNK = 512
+local TOMB = '\255\255overdue:removed:b1f0c2e4-6d2a-4c1e-9f3a-7e5d8c9b0a11\255\255'
+local function unlist(b, ms)
+  if #ms < LIST_SCAN_MIN then
+    for _, m in ipairs(ms) do redis.call('LREM', KEYS[b + 1], 1, m) end
+    return
+  end
+  local want = {}
+  for _, m in ipairs(ms) do want[m] = true end
+  local left, found, pos = #ms, 0, 0
+  while left > 0 do
+    local chunk = redis.call('LRANGE', KEYS[b + 1], pos, pos + LIST_CHUNK - 1)
+    if #chunk == 0 then break end
+    for i, v in ipairs(chunk) do
+      if want[v] then
+        want[v] = nil
+        redis.call('LSET', KEYS[b + 1], pos + i - 1, TOMB)
+        found = found + 1
+        left = left - 1
+        if left == 0 then break end
+      end
+    end
+    pos = pos + #chunk
+  end
+  if found > 0 then redis.call('LREM', KEYS[b + 1], found, TOMB) end
+end
+-- Members taken out of the timeout set by this script whose ordered-list entries are removed
+-- together at its end (flush), per queue.
+local UNLIST = {}
+local function zrem_later(b, m)
+  if redis.call('ZREM', KEYS[b], m) == 1 then
+    UNLIST[b] = UNLIST[b] or {}
+    local l = UNLIST[b]
+    l[#l + 1] = m
+    return true
+  end
+  return false
+end
+local function flush()
+  for b, ms in pairs(UNLIST) do unlist(b, ms) end
+  UNLIST = {}
+end
 local function unlease(b, key)
   redis.call('ZREM', KEYS[b + 6], key)
   redis.call('ZREM', KEYS[b + 7], key)
@@ -173,7 +219,7 @@ local function upsert(b, key, due, payload, g, now, id)
   if old then
     local _, _, c = parse(old)
     local om = member_of(old)
-    if withdraw(b, om) or redis.call('ZSCORE', KEYS[b + 6], key) then created = c end
+    if zrem_later(b, om) or redis.call('ZSCORE', KEYS[b + 6], key) then created = c end
     forget(b, key, om)
   end
   local m = pack(id, payload)
@@ -192,7 +238,7 @@ local function take(b, key, v, m, now, owner, lease_until)
   end
   if tonumber(due) > now then return nil end
   if s == 'p' then
-    withdraw(b, m)
+    zrem_later(b, m)
     redis.call('ZADD', KEYS[b + 6], due, key)
   else
     local l = redis.call('ZSCORE', KEYS[b + 7], key)
@@ -219,6 +265,7 @@ for i = 0, n - 1 do
   out[i + 1] = first + i
   o = o + 5
 end
+flush()
 return out
 "#;
 
@@ -281,6 +328,7 @@ for o = A + 4, #ARGV, 3 do
     end
   end
 end
+flush()
 return out
 "#;
 
@@ -327,6 +375,7 @@ for j = 1, math.min(limit, #cands) do
     end
   end
 end
+flush()
 return out
 "#;
 
@@ -395,6 +444,7 @@ local payload = string.sub(d, e + tonumber(kl) + tonumber(el) + 1)
 redis.call('ZREM', KEYS[15], d)
 local ng = redis.call('INCR', KEYS[1])
 upsert(5, key, due, payload, ng, now, rid)
+flush()
 return ng
 "#;
 

@@ -466,3 +466,34 @@ async fn a_java_offer_can_be_read_moved_and_cancelled_by_its_key_before_any_scan
     assert_eq!(all, vec![b"first".to_vec()], "the cancelled offer left the ordered list");
     assert!(store.get("q", "redisson:0000000000000000000000000000000000000000", T0).await.expect("get").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_claims_keep_the_ordered_list_exact() {
+    let Some(f) = common::Fresh::new("codec=string").await else { return };
+    let store = open(&f.url).await;
+    let mut con = f.con();
+    let k = store.queue_keys("q");
+    // 40 timers offered in key order, due in an interleaved order; claim the 23 due first in one
+    // batch (the one-scan path), then 2 more (the LREM path).
+    let due = |i: i64| T0 + (i * 7) % 40;
+    let specs: Vec<TimerSpec> = (0..40).map(|i| TimerSpec::new("q", format!("k{i:02}"), due(i)).with_payload(format!("v{i:02}"))).collect();
+    store.schedule(specs, T0).await.expect("schedule");
+    let before = lrange(&mut con, &k.ordered).await;
+    assert_eq!(before.len(), 40);
+    let c = store.claim_due(T0 + 22, T0 + 22, 100, "n", T0 + 1_000).await.expect("claim");
+    assert_eq!(c.len(), 23);
+    let c2 = store.claim_due(T0 + 24, T0 + 24, 100, "n", T0 + 1_000).await.expect("claim");
+    assert_eq!(c2.len(), 2);
+    let gone: std::collections::HashSet<Vec<u8>> = c.iter().chain(&c2).map(|c| c.payload.clone()).collect();
+    let want: Vec<Vec<u8>> = before
+        .into_iter()
+        .filter(|m| member::unpack(member::MemberFormat::Bc0Lc0, m).is_ok_and(|(_, v)| !gone.contains(v)))
+        .collect();
+    assert_eq!(want.len(), 15);
+    assert_eq!(lrange(&mut con, &k.ordered).await, want, "the rest stays, in offer order");
+    let mut z: Vec<Vec<u8>> = zrange(&mut con, &k.timeout).await.into_iter().map(|(m, _)| m).collect();
+    let mut w = want.clone();
+    z.sort();
+    w.sort();
+    assert_eq!(z, w, "the ordered list and the timeout set hold the same members");
+}
