@@ -450,9 +450,9 @@ return ng
 
 /// ARGV: until, limit, details (0/1), now (-1: the server's TIME), then per queue (mode, lo, key): mode `a` from -inf,
 /// `i` due >= lo, `x` due > lo, `k` (due, key) > (lo, key). Reads the pending members (adopting
-/// Redisson's) and the claimed timers of each queue. A tie of one due time is always returned
-/// whole (members of one score sort by their bytes, not by timer key), so a page never splits
-/// one. Returns per timer (queue index, key, due, then with details header, lease_until, owner,
+/// Redisson's) and the claimed timers of each queue. A tie of one due time is always read
+/// whole (members of one score sort by their bytes, not by timer key) and sorted by key, so a page
+/// never splits one wrongly. Returns per timer (queue index, key, due, then with details header, lease_until, owner,
 /// last_error, value; without, the generation).
 const RANGE: &str = r#"
 local upto, limit, details, now = ARGV[A + 1], tonumber(ARGV[A + 2]), ARGV[A + 3] == '1', ARGV[A + 4]
@@ -473,15 +473,14 @@ local function emit(qi, b, key, due, v, m)
     out[#out + 1] = parse(v)
   end
 end
+local cands
 local function pending(qi, b, m, due, after)
   local key = adopt(b, qi, m, now)
-  if key and (not after or lt(after, key)) then
-    local v = redis.call('HGET', KEYS[b + 4], key)
-    if v then emit(qi, b, key, due, v, m) end
-  end
+  if key and (not after or lt(after, key)) then cands[#cands + 1] = {tonumber(due), key, m} end
 end
 for qi = 1, NQ do
   local b = G(qi)
+  cands = {}
   local o = A + 5 + (qi - 1) * 3
   local mode, lo, ck = ARGV[o], ARGV[o + 1], ARGV[o + 2]
   -- Pending: the Redisson timeout set.
@@ -505,6 +504,18 @@ for qi = 1, NQ do
   end
   if cut then
     for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[b], cut, cut)) do pending(qi, b, m, cut, nil) end
+  end
+  -- Whole ties were read; only this queue's first `limit` in (due, key) order can be on the page.
+  if #cands > limit then
+    table.sort(cands, function(x, y)
+      if x[1] ~= y[1] then return x[1] < y[1] end
+      return lt(x[2], y[2])
+    end)
+  end
+  for j = 1, math.min(#cands, limit) do
+    local c = cands[j]
+    local v = redis.call('HGET', KEYS[b + 4], c[2])
+    if v then emit(qi, b, c[2], c[1], v, c[3]) end
   end
   -- Claimed: members are timer keys, so a tie is already in key order.
   local z = KEYS[b + 6]

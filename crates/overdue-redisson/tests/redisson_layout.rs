@@ -497,3 +497,26 @@ async fn batch_claims_keep_the_ordered_list_exact() {
     w.sort();
     assert_eq!(z, w, "the ordered list and the timeout set hold the same members");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_a_millisecond_tie_returns_every_timer_once_in_key_order() {
+    let Some(f) = common::Fresh::new("codec=string").await else { return };
+    let store = open(&f.url).await;
+    let specs: Vec<TimerSpec> = (0..300).map(|i| TimerSpec::new("q", format!("k{i:03}"), T0 + 5).with_payload("v")).collect();
+    store.schedule(specs, T0).await.expect("schedule");
+    store.schedule(vec![TimerSpec::new("q", "after", T0 + 6)], T0).await.expect("schedule");
+    let mut seen = Vec::new();
+    let mut q = ListQuery { limit: 40, ..Default::default() };
+    loop {
+        let page = store.list(&q, T0).await.expect("list");
+        assert!(page.len() <= 40, "a page of {}", page.len());
+        let Some(last) = page.last() else { break };
+        q.after = Some((last.due_at, last.queue.clone(), last.key.clone()));
+        seen.extend(page.into_iter().map(|t| t.key));
+    }
+    let mut want: Vec<String> = (0..300).map(|i| format!("k{i:03}")).collect();
+    want.push("after".into());
+    assert_eq!(seen, want);
+    let refs = store.due_refs(None, T0 + 5, 1_000).await.expect("refs");
+    assert_eq!(refs.len(), 300);
+}
