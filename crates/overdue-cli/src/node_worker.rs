@@ -33,10 +33,10 @@ pub struct NodeArgs {
     /// node fires them.
     #[arg(long, default_value_t = 5_000)]
     lease_ms: u64,
-    /// Milliseconds a firing holds its claim, half before recording its effect and half after
-    /// (work around the effect, before the acknowledgement): a SIGKILL then always leaves claims
-    /// of both kinds, some whose effect has not happened (a survivor must fire them once their
-    /// lease lapses) and some whose effect has (a survivor re-delivers them and the effect log
+    /// Milliseconds a firing holds its claim, three quarters before recording its effect and a
+    /// quarter after (work around the effect, before the acknowledgement): a SIGKILL then leaves
+    /// claims whose effect has not happened (a survivor must fire them once their lease lapses)
+    /// and, most likely, some whose effect has (a survivor re-delivers them and the effect log
     /// must absorb the repeat). Default 0.
     #[arg(long, default_value_t = 0)]
     hold_ms: u64,
@@ -174,13 +174,13 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         let node = who.clone();
         async move {
             if !hold.is_zero() {
-                tokio::time::sleep(hold / 2).await;
+                tokio::time::sleep(hold * 3 / 4).await;
             }
             let fired_at = overdue::SystemClock.now_ms();
             match log.record(&f.key, &node, f.due_at, fired_at).await {
                 Ok(()) => {
                     if !hold.is_zero() {
-                        tokio::time::sleep(hold / 2).await;
+                        tokio::time::sleep(hold / 4).await;
                     }
                     Outcome::Done
                 }
