@@ -8,7 +8,10 @@
 //!    due at once and fires them as fast as it can: claim, handler, settle.
 //! 3. **steady** — for `rate_seconds`, timers are scheduled at `rate` per second, each due one
 //!    second after it is scheduled; the lateness of every firing is recorded.
-//! 4. **far** (with `--far N`) — N timers due a year ahead are scheduled; the process RSS is read
+//! 4. **burst** (with `--burst N`) — N timers, all due in the same millisecond a few seconds
+//!    ahead (enough for scheduling to finish first), fired by an engine on the real clock; the
+//!    lateness of every firing is recorded (issue 5's "100,000 due in one millisecond, p99 ≤ 1 s").
+//! 5. **far** (with `--far N`) — N timers due a year ahead are scheduled; the process RSS is read
 //!    afterwards: far-future timers must stay in the store, not in memory.
 //!
 //! With `--nodes N` (shared stores such as PostgreSQL) every phase runs N engines in this
@@ -77,6 +80,10 @@ pub struct BenchArgs {
     /// Length of the steady phase, seconds.
     #[arg(long, default_value_t = 10)]
     rate_seconds: u64,
+    /// Timers due in one millisecond, fired on the real clock with their lateness recorded (0
+    /// skips the phase).
+    #[arg(long, default_value_t = 0)]
+    burst: u64,
     /// Far-future timers to schedule before reading memory use (0 skips the phase).
     #[arg(long, default_value_t = 0)]
     far: u64,
@@ -113,6 +120,7 @@ struct Report {
     /// every notice the schedule phase published, since those wait an hour).
     fire_backstop_rescued: u64,
     steady: Option<Steady>,
+    burst: Option<Burst>,
     far: Option<Far>,
     peak_rss_bytes: u64,
 }
@@ -132,6 +140,20 @@ struct Steady {
     backstop_rescued: u64,
     /// Wake-ups whose claim failed (already claimed elsewhere, replaced or cancelled).
     stale_dropped: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Burst {
+    timers: u64,
+    /// How far ahead of scheduling's start they were due.
+    lead_ms: i64,
+    /// False if scheduling was still running at the due time (lateness then includes it).
+    scheduled_before_due: bool,
+    lateness_p50_ms: u64,
+    lateness_p90_ms: u64,
+    lateness_p99_ms: u64,
+    lateness_max_ms: u64,
+    backstop_rescued: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -404,7 +426,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         stop_all(engines).await;
     }
 
-    // 4. far-future timers and memory
+    // 4. burst: everything due in one millisecond, on the real clock.
+    if args.burst > 0 {
+        let counter = Arc::new(Counter::new(args.nodes)?);
+        let engines = start_all(0, counter.clone()).await?;
+        let pb = bar(args.burst, "burst", quiet);
+        // Lead: 2 s plus 1.5 × the time scheduling took in phase 1 at its measured rate.
+        let lead_ms = 2_000 + (args.burst as f64 * 1_500.0 / report.schedule_per_sec.max(1_000.0)) as i64;
+        let due = overdue::SystemClock.now_ms() + lead_ms;
+        produce(&engines, args.burst, args.producers, args.batch, move |_| due, "b", &pb).await?;
+        let scheduled_before_due = overdue::SystemClock.now_ms() < due;
+        counter.wait_for(args.burst, &pb).await;
+        pb.finish_and_clear();
+        let h = counter.lateness.lock().clone();
+        report.burst = Some(Burst {
+            timers: args.burst,
+            lead_ms,
+            scheduled_before_due,
+            lateness_p50_ms: h.value_at_quantile(0.50),
+            lateness_p90_ms: h.value_at_quantile(0.90),
+            lateness_p99_ms: h.value_at_quantile(0.99),
+            lateness_max_ms: h.max(),
+            backstop_rescued: engines.iter().map(|e| e.stats().backstop_rescued).sum(),
+        });
+        stop_all(engines).await;
+    }
+
+    // 5. far-future timers and memory
     if args.far > 0 {
         let counter = Arc::new(Counter::new(args.nodes)?);
         let engines = start_all(0, counter).await?;
@@ -456,6 +504,12 @@ fn print_table(r: &Report) {
             println!("{:<34} {:>18}", "  fired per node", join(&s.split));
         }
         println!("{:<34} {:>18}", "  backstop rescues / stale wake-ups", format!("{} / {}", s.backstop_rescued, s.stale_dropped));
+    }
+    if let Some(b) = &r.burst {
+        let note = if b.scheduled_before_due { "" } else { " (scheduling overran the due time)" };
+        println!("{:<34} {:>18}", format!("burst {} due in one ms{note}", thousands(b.timers)), format!("lead {} ms", b.lead_ms));
+        println!("{:<34} {:>18}", "  lateness p50 / p90", format!("{} / {} ms", b.lateness_p50_ms, b.lateness_p90_ms));
+        println!("{:<34} {:>18}", "  lateness p99 / max", format!("{} / {} ms", b.lateness_p99_ms, b.lateness_max_ms));
     }
     if let Some(f) = &r.far {
         println!("{:<34} {:>18}", "far-future timers stored", thousands(f.timers));
