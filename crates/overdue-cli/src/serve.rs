@@ -25,6 +25,11 @@ pub struct ServeArgs {
     /// Store URL.
     #[arg(long, env = "OVERDUE_BACKEND", default_value = overdue::DEFAULT_STORE_URL)]
     backend: String,
+    /// With a redis:// backend, where the orders live (sqlite:PATH); default
+    /// sqlite:overdue-data/orders.db. Their timer changes are relayed to Redis through an
+    /// outbox table written in each order's transaction.
+    #[arg(long, env = "OVERDUE_ORDERS")]
+    orders: Option<String>,
     /// Trigger: wheel, heap or scan.
     #[arg(long, env = "OVERDUE_TRIGGER", default_value = "wheel")]
     trigger: TriggerKind,
@@ -62,6 +67,7 @@ pub async fn run(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     overdue_server::check_bind(args.listen, args.token.as_deref())?;
     let mut cfg = AppConfig {
         backend_url: args.backend.clone(),
+        orders_url: args.orders.clone().filter(|o| !o.is_empty()),
         trigger: args.trigger,
         token: args.token,
         callback_secret: args.callback_secret,

@@ -29,6 +29,18 @@ pub(crate) trait OrderDb: Send + Sync + std::fmt::Debug + 'static {
     /// `sqlite`, `postgres` or `mysql`, for logs.
     fn name(&self) -> &'static str;
 
+    /// When the timers are relayed to another store: what a write that left timer changes
+    /// wakes. `None` (the default) when they are written beside the orders.
+    fn relay_wake(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
+
+    /// One relay pass to `target` (see `sqlite::SqliteDb::relay`): the refs scheduled and the
+    /// number of changes applied.
+    async fn relay_timers(&self, _target: &dyn overdue::Store, _now: i64) -> overdue::Result<(Vec<TimerRef>, usize)> {
+        Ok((Vec::new(), 0))
+    }
+
     /// Inserts a product; [`crate::OrderError::AlreadyExists`] if its id is taken.
     async fn create_product(&self, p: NewProduct, clock: Arc<dyn Clock>) -> Result<Product>;
     /// Reserves stock, writes the order, its lines, its `created` event and its timers.

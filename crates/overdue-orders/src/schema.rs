@@ -96,6 +96,41 @@ CREATE TABLE outbox (
 CREATE INDEX outbox_pending ON outbox (delivered_at, id);
 ";
 
+/// Version 2: `order_timer_outbox`, the timer changes of order writes whose timers live in another
+/// store (Redis): written in the order's transaction, applied and deleted by the relay.
+const SQLITE_V2: &str = "
+CREATE TABLE order_timer_outbox (
+    id         INTEGER PRIMARY KEY,
+    op         TEXT NOT NULL CHECK (op IN ('schedule', 'cancel')),
+    queue      TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    due_at     INTEGER,
+    created_at INTEGER NOT NULL
+) STRICT;
+";
+
+const POSTGRES_V2: &str = r#"
+CREATE TABLE order_timer_outbox (
+    id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    op         TEXT NOT NULL CHECK (op IN ('schedule', 'cancel')),
+    queue      TEXT COLLATE "C" NOT NULL,
+    key        TEXT COLLATE "C" NOT NULL,
+    due_at     BIGINT,
+    created_at BIGINT NOT NULL
+);
+"#;
+
+const MYSQL_V2: &str = "
+CREATE TABLE IF NOT EXISTS order_timer_outbox (
+    id         BIGINT AUTO_INCREMENT PRIMARY KEY,
+    op         VARCHAR(8) NOT NULL CHECK (op IN ('schedule', 'cancel')),
+    queue      VARCHAR(128) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    `key`      VARCHAR(512) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    due_at     BIGINT,
+    created_at BIGINT NOT NULL
+) ENGINE = InnoDB;
+";
+
 const POSTGRES_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS order_schema_version (
     version    INTEGER PRIMARY KEY,
     name       TEXT NOT NULL,
@@ -224,10 +259,14 @@ CREATE TABLE IF NOT EXISTS outbox (
 ) ENGINE = InnoDB;
 ";
 
-const SQLITE: &[Migration] = &[Migration { version: 1, name: "orders, stock, events, outbox", sql: SQLITE_V1 }];
+const V1: &str = "orders, stock, events, outbox";
+const V2: &str = "timer outbox";
+const SQLITE: &[Migration] =
+    &[Migration { version: 1, name: V1, sql: SQLITE_V1 }, Migration { version: 2, name: V2, sql: SQLITE_V2 }];
 const POSTGRES: &[Migration] =
-    &[Migration { version: 1, name: "orders, stock, events, outbox", sql: POSTGRES_V1 }];
-const MYSQL: &[Migration] = &[Migration { version: 1, name: "orders, stock, events, outbox", sql: MYSQL_V1 }];
+    &[Migration { version: 1, name: V1, sql: POSTGRES_V1 }, Migration { version: 2, name: V2, sql: POSTGRES_V2 }];
+const MYSQL: &[Migration] =
+    &[Migration { version: 1, name: V1, sql: MYSQL_V1 }, Migration { version: 2, name: V2, sql: MYSQL_V2 }];
 
 /// The databases the order tables are written for. Only SQLite runs the order service today;
 /// the PostgreSQL and MySQL steps are kept beside it so the three stay in step.
@@ -321,12 +360,13 @@ mod tests {
             assert_eq!(steps.len(), SQLITE.len(), "{d}");
             for (i, m) in steps.iter().enumerate() {
                 assert_eq!(m.version as usize, i + 1, "{d}: step {i} is numbered {}", m.version);
-                for table in ["products", "orders", "order_items", "order_events", "outbox"] {
-                    assert!(m.sql.contains(&format!("TABLE {table} ")) || m.sql.contains(&format!("EXISTS {table} ")),
-                        "{d}: step {} lacks table {table}", m.version);
-                }
-                assert!(m.sql.contains("UNIQUE"), "{d}: order_events must be unique per (order_id, kind)");
+                assert_eq!(m.name, SQLITE[i].name, "{d}: step {} has another name than on sqlite", m.version);
             }
+            let all: String = steps.iter().map(|m| m.sql).collect();
+            for table in ["products", "orders", "order_items", "order_events", "outbox", "order_timer_outbox"] {
+                assert!(all.contains(&format!("TABLE {table} ")) || all.contains(&format!("EXISTS {table} ")), "{d}: no table {table}");
+            }
+            assert!(steps[0].sql.contains("UNIQUE"), "{d}: order_events must be unique per (order_id, kind)");
             assert!(version_table(d).contains(VERSION_TABLE));
         }
     }
@@ -336,7 +376,7 @@ mod tests {
         let conn = Connection::open_in_memory().expect("open");
         assert_eq!(migrate_sqlite(&conn, 1).expect("first"), 0);
         assert_eq!(migrate_sqlite(&conn, 2).expect("second"), latest_version());
-        assert_eq!(applied_versions(&conn).expect("versions"), vec![1]);
+        assert_eq!(applied_versions(&conn).expect("versions"), vec![1, 2]);
         conn.execute("INSERT INTO order_schema_version VALUES (99, 'future', 3)", []).expect("future");
         let err = migrate_sqlite(&conn, 4).expect_err("newer schema is refused");
         assert!(err.to_string().contains("newer"), "{err}");

@@ -31,6 +31,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use overdue::{Clock, Engine, EngineBuilder, Firing, Outcome, QueueConfig, TimerRef};
 
 use crate::db::{OrderDb, OrderPlan};
+use crate::sqlite::TimerHome;
 use crate::error::{OrderError, Result};
 use crate::machine::*;
 use crate::model::*;
@@ -44,6 +45,12 @@ use crate::validate;
 pub enum OrderBackend {
     /// The embedded SQLite store (orders in the same file as the timers).
     Sqlite(overdue_sql::SqliteStore),
+    /// Orders in this SQLite store, timers in the engine's store (Redis, or any store that is not
+    /// SQL): each order write records its timer changes in `order_timer_outbox`, in the same
+    /// transaction; a relay applies them to the engine's store in write order and deletes them.
+    /// An order never exists without its timers being on their way: a crash before the relay
+    /// leaves the rows for the next pass. See `docs/orders.md`, "Timers in another store".
+    SqliteRelayed(overdue_sql::SqliteStore),
     /// PostgreSQL: the order tables beside the store's `timers`, in the same schema.
     #[cfg(feature = "postgres")]
     Postgres(overdue_postgres::PgStore),
@@ -93,6 +100,35 @@ impl std::fmt::Debug for OrderService {
     }
 }
 
+/// How often an idle relay looks at `order_timer_outbox` anyway (rows left by a crash, or by a write
+/// whose wake-up raced the relay's start).
+pub const RELAY_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+const RELAY_MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The background relay of [`OrderBackend::SqliteRelayed`]: a pass after every wake-up (and every
+/// [`RELAY_POLL`]), passes back to back while full, backoff while the target store fails.
+async fn relay_loop(weak: Weak<OrderService>, wake: Arc<tokio::sync::Notify>) {
+    let mut backoff = std::time::Duration::from_millis(50);
+    loop {
+        let Some(svc) = weak.upgrade() else { return };
+        match svc.flush_timers().await {
+            Ok(_) => backoff = std::time::Duration::from_millis(50),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "relaying order timers failed; retrying");
+                drop(svc);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RELAY_MAX_BACKOFF);
+                continue;
+            }
+        }
+        drop(svc);
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(RELAY_POLL) => {}
+        }
+    }
+}
+
 impl OrderService {
     /// Opens the order service on `backend` (a store: the order tables go into its database):
     /// checks `config` and applies the order-schema migrations (in one transaction where the
@@ -102,7 +138,10 @@ impl OrderService {
         validate::config(&config)?;
         let now = clock.now_ms();
         let db: Box<dyn OrderDb> = match backend.into() {
-            OrderBackend::Sqlite(store) => Box::new(crate::sqlite::SqliteDb::open(store, now).await?),
+            OrderBackend::Sqlite(store) => Box::new(crate::sqlite::SqliteDb::open(store, TimerHome::Here, now).await?),
+            OrderBackend::SqliteRelayed(store) => {
+                Box::new(crate::sqlite::SqliteDb::open(store, TimerHome::Outbox, now).await?)
+            }
             #[cfg(feature = "postgres")]
             OrderBackend::Postgres(store) => Box::new(crate::sqlx_db::postgres(store, now).await?),
             #[cfg(feature = "mysql")]
@@ -148,10 +187,31 @@ impl OrderService {
 
     /// Hands the started engine to the service, so timers written in order transactions are
     /// announced to its trigger at once ([`Engine::track`]) instead of waiting for the horizon
-    /// load or the backstop sweep. A second call is ignored.
-    pub fn attach(&self, engine: Arc<Engine>) {
+    /// load or the backstop sweep. With [`OrderBackend::SqliteRelayed`] it also starts the relay
+    /// that moves the timer changes to the engine's store. A second call is ignored.
+    pub fn attach(self: &Arc<Self>, engine: Arc<Engine>) {
         if self.engine.set(engine).is_err() {
             tracing::warn!("OrderService::attach called twice; keeping the first engine");
+            return;
+        }
+        if let Some(wake) = self.db.relay_wake() {
+            tokio::spawn(relay_loop(Arc::downgrade(self), wake));
+        }
+    }
+
+    /// Relays every pending timer change to the engine's store now (the background relay does
+    /// this within [`RELAY_POLL`] of each write); returns how many were applied. Tests call it
+    /// before moving a manual clock. 0 when the timers are written beside the orders.
+    pub async fn flush_timers(&self) -> Result<usize> {
+        let Some(engine) = self.engine.get() else { return Ok(0) };
+        let mut total = 0;
+        loop {
+            let (refs, n) = self.db.relay_timers(engine.store().as_ref(), self.clock.now_ms()).await?;
+            engine.track(refs);
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
         }
     }
 

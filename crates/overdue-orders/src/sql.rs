@@ -150,3 +150,15 @@ pub(crate) const INVARIANT_ORDERS: &str = "SELECT o.id, o.status, o.version, o.c
 /// Events whose order does not exist: `(order_id)`.
 pub(crate) const INVARIANT_ORPHAN_EVENTS: &str = "SELECT DISTINCT e.order_id FROM order_events e \
      LEFT JOIN orders o ON o.id = e.order_id WHERE o.id IS NULL ORDER BY e.order_id";
+
+/// `(op 'schedule'|'cancel', queue, key, due_at or NULL, now)`: a timer change for the relay,
+/// written in the order's transaction when the timers live in another store.
+pub(crate) const TIMER_OUTBOX_INSERT: &str =
+    "INSERT INTO order_timer_outbox (op, queue, key, due_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5)";
+
+/// `(limit)`: the oldest timer changes, in the order they were written.
+pub(crate) const TIMER_OUTBOX_PENDING: &str =
+    "SELECT id, op, queue, key, due_at FROM order_timer_outbox ORDER BY id LIMIT ?1";
+
+/// `(last id)`: the changes a relay pass applied.
+pub(crate) const TIMER_OUTBOX_DONE: &str = "DELETE FROM order_timer_outbox WHERE id <= ?1";

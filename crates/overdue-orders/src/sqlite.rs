@@ -22,23 +22,144 @@ use crate::model::*;
 use crate::read::{self, ReadPool};
 use crate::{schema, sql};
 
+/// Where the timers of an order change are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TimerHome {
+    /// In the same SQLite store, same transaction (the engine runs on this store).
+    Here,
+    /// As rows of `order_timer_outbox`, same transaction; [`SqliteDb::relay_timers`] applies them to
+    /// the engine's store (Redis) afterwards. See `docs/orders.md`, "Timers in another store".
+    Outbox,
+}
+
 /// The SQLite side of [`crate::OrderService`].
 #[derive(Debug)]
 pub(crate) struct SqliteDb {
     store: SqliteStore,
     readers: Arc<ReadPool>,
+    home: TimerHome,
+    /// Woken after a write that left rows in `order_timer_outbox`.
+    relay_wake: Arc<tokio::sync::Notify>,
+}
+
+/// Timer changes relayed per pass.
+const RELAY_BATCH: usize = 1000;
+
+/// Schedules `specs` where `home` says; the refs to track (none for the outbox: the relay
+/// tracks what it applied). `or_fail`: fail the write on an invalid timer (an order's own).
+fn schedule(ctx: &mut WriteCtx<'_>, home: TimerHome, specs: &[TimerSpec], now: i64, or_fail: bool) -> overdue::Result<Vec<TimerRef>> {
+    match home {
+        TimerHome::Here => {
+            let generations = if or_fail { ctx.schedule_or_fail(specs, now)? } else { ctx.schedule(specs, now)? };
+            Ok(specs.iter().zip(generations).map(|(s, g)| timer_ref(&s.queue, &s.key, g, s.due_at)).collect())
+        }
+        TimerHome::Outbox => {
+            let mut insert = ctx.connection().prepare_cached(sql::TIMER_OUTBOX_INSERT).store_err("write timer outbox")?;
+            for s in specs {
+                insert.execute(params!["schedule", s.queue, s.key, s.due_at, now]).store_err("write timer outbox")?;
+            }
+            Ok(Vec::new())
+        }
+    }
+}
+
+/// Cancels a timer where `home` says.
+fn cancel(ctx: &mut WriteCtx<'_>, home: TimerHome, queue: &str, key: &str, now: i64) -> overdue::Result<()> {
+    match home {
+        TimerHome::Here => ctx.cancel(queue, key).map(|_| ()),
+        TimerHome::Outbox => ctx
+            .connection()
+            .prepare_cached(sql::TIMER_OUTBOX_INSERT)
+            .and_then(|mut s| s.execute(params!["cancel", queue, key, Option::<i64>::None, now]))
+            .map(|_| ())
+            .store_err("write timer outbox"),
+    }
+}
+
+/// One row of `order_timer_outbox`.
+#[derive(Debug)]
+struct Intent {
+    id: i64,
+    schedule: bool,
+    queue: String,
+    key: String,
+    due_at: i64,
 }
 
 impl SqliteDb {
     /// Applies the order migrations (in one store write) and opens the read connections.
-    pub(crate) async fn open(store: SqliteStore, now: i64) -> Result<SqliteDb> {
+    pub(crate) async fn open(store: SqliteStore, home: TimerHome, now: i64) -> Result<SqliteDb> {
         let found = store.write(move |ctx| schema::migrate_sqlite(ctx.connection(), now)).await.map_err(recover)?;
         let path = store.path().to_path_buf();
         let readers = tokio::task::spawn_blocking(move || ReadPool::open(path, read::READERS))
             .await
             .map_err(|e| OrderError::Store(overdue::Error::store("sqlite", format!("opening readers failed: {e}"), false, e)))??;
         tracing::info!(db = %store.path().display(), schema_found = found, schema = schema::latest_version(), "order tables ready");
-        Ok(SqliteDb { store, readers: Arc::new(readers) })
+        Ok(SqliteDb { store, readers: Arc::new(readers), home, relay_wake: Arc::new(tokio::sync::Notify::new()) })
+    }
+
+    /// Wakes the relay when this database keeps its timers in the outbox.
+    fn wake_relay(&self) {
+        if self.home == TimerHome::Outbox {
+            self.relay_wake.notify_one();
+        }
+    }
+
+    /// One relay pass: applies the oldest timer changes of `order_timer_outbox` to `target` in the
+    /// order they were written (a run of schedules is one batched call), then deletes them.
+    /// A crash between the two applies them again at the next pass: an upsert and a cancel are
+    /// both safe to repeat. Returns the refs scheduled (to track) and how many rows were done.
+    async fn relay(&self, target: &dyn overdue::Store, now: i64) -> overdue::Result<(Vec<TimerRef>, usize)> {
+        let intents = self
+            .read(|c| {
+                let mut stmt = c.prepare_cached(sql::TIMER_OUTBOX_PENDING).store_err("read timer outbox")?;
+                let rows = stmt
+                    .query_map([RELAY_BATCH as i64], |r| {
+                        Ok(Intent {
+                            id: r.get(0)?,
+                            schedule: r.get::<_, String>(1)? == "schedule",
+                            queue: r.get(2)?,
+                            key: r.get(3)?,
+                            due_at: r.get::<_, Option<i64>>(4)?.unwrap_or(0),
+                        })
+                    })
+                    .store_err("read timer outbox")?;
+                Ok(rows.collect::<rusqlite::Result<Vec<_>>>().store_err("read timer outbox")?)
+            })
+            .await
+            .map_err(|e| match e {
+                OrderError::Store(e) => e,
+                other => overdue::Error::store("orders", other.to_string(), false, other),
+            })?;
+        let Some(last) = intents.last().map(|i| i.id) else { return Ok((Vec::new(), 0)) };
+        let mut refs = Vec::new();
+        let mut run: Vec<TimerSpec> = Vec::new();
+        for intent in &intents {
+            if intent.schedule {
+                run.push(TimerSpec::new(intent.queue.clone(), intent.key.clone(), intent.due_at));
+                continue;
+            }
+            if !run.is_empty() {
+                let specs = std::mem::take(&mut run);
+                let generations = target.schedule(specs.clone(), now).await?;
+                refs.extend(specs.iter().zip(generations).map(|(s, g)| timer_ref(&s.queue, &s.key, g, s.due_at)));
+            }
+            target.cancel(&intent.queue, &intent.key).await?;
+            refs.retain(|r: &TimerRef| !(r.queue == intent.queue && r.key == intent.key));
+        }
+        if !run.is_empty() {
+            let generations = target.schedule(run.clone(), now).await?;
+            refs.extend(run.iter().zip(generations).map(|(s, g)| timer_ref(&s.queue, &s.key, g, s.due_at)));
+        }
+        self.store
+            .write(move |ctx| {
+                ctx.connection()
+                    .prepare_cached(sql::TIMER_OUTBOX_DONE)
+                    .and_then(|mut s| s.execute([last]))
+                    .store_err("clear timer outbox")
+            })
+            .await?;
+        Ok((refs, intents.len()))
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T>
@@ -51,8 +172,10 @@ impl SqliteDb {
 }
 
 /// Applies `mv` to order `id` inside a write closure. Writes nothing unless the order matched.
+#[allow(clippy::too_many_arguments)]
 fn apply(
     ctx: &mut WriteCtx<'_>,
+    home: TimerHome,
     id: &str,
     mv: &Move,
     now: i64,
@@ -97,18 +220,12 @@ fn apply(
         }
     }
     for queue in mv.cancel {
-        ctx.cancel(queue, id)?;
+        cancel(ctx, home, queue, id, now)?;
     }
     let mut timers = Vec::new();
     if let Some(queue) = mv.schedule {
         let due_at = now.saturating_add(schedule_delay_ms);
-        let generations = ctx.schedule(&[TimerSpec::new(queue, id, due_at)], now)?;
-        timers.extend(generations.into_iter().map(|generation| TimerRef {
-            queue: queue.to_owned(),
-            key: id.to_owned(),
-            generation,
-            due_at,
-        }));
+        timers = schedule(ctx, home, &[TimerSpec::new(queue, id, due_at)], now, false)?;
     }
     if with_items {
         order.items = items;
@@ -116,10 +233,33 @@ fn apply(
     Ok(Applied::Moved(order, timers))
 }
 
+/// Wakes the relay when a write that may have left timer changes is done (committed or not).
+struct WakeOnDrop<'a>(&'a SqliteDb);
+
+impl Drop for WakeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.wake_relay();
+    }
+}
+
 #[async_trait]
 impl OrderDb for SqliteDb {
     fn name(&self) -> &'static str {
-        "sqlite"
+        match self.home {
+            TimerHome::Here => "sqlite",
+            TimerHome::Outbox => "sqlite (timers relayed)",
+        }
+    }
+
+    fn relay_wake(&self) -> Option<Arc<tokio::sync::Notify>> {
+        (self.home == TimerHome::Outbox).then(|| Arc::clone(&self.relay_wake))
+    }
+
+    async fn relay_timers(&self, target: &dyn overdue::Store, now: i64) -> overdue::Result<(Vec<TimerRef>, usize)> {
+        if self.home == TimerHome::Here {
+            return Ok((Vec::new(), 0));
+        }
+        self.relay(target, now).await
     }
 
     async fn create_product(&self, p: NewProduct, clock: Arc<dyn Clock>) -> Result<Product> {
@@ -147,6 +287,7 @@ impl OrderDb for SqliteDb {
         // the lines already reserved when a later one is out of stock.
         let single_line = o.items.len() == 1;
         let (pay_timeout, remind_before) = (plan.pay_timeout_ms, plan.remind_before_ms);
+        let home = self.home;
         let job = move |ctx: &mut WriteCtx<'_>| {
                 let now = clock.now_ms();
                 let id = new_id("o", now);
@@ -199,12 +340,7 @@ impl OrderDb for SqliteDb {
                     .store_err("record order event")?;
                 let specs = order_timers(&id, now, deadline, remind_before);
                 // The closure returns the error, so its savepoint undoes everything on failure.
-                let generations = ctx.schedule_or_fail(&specs, now)?;
-                let timers = specs
-                    .into_iter()
-                    .zip(generations)
-                    .map(|(s, generation)| TimerRef { queue: s.queue, key: s.key, generation, due_at: s.due_at })
-                    .collect::<Vec<_>>();
+                let timers = schedule(ctx, home, &specs, now, true)?;
                 let order = Order {
                     id,
                     buyer: o.buyer,
@@ -220,21 +356,24 @@ impl OrderDb for SqliteDb {
                 Ok((order, timers))
             };
         let written = if single_line { self.store.write_without_savepoint(job).await } else { self.store.write(job).await };
+        self.wake_relay();
         written.map_err(recover)
     }
 
     async fn api_move(&self, id: String, mv: Move, delay: i64, clock: Arc<dyn Clock>) -> Result<(Order, Vec<TimerRef>)> {
         // `apply` writes nothing unless the transition matched, and every refusal returns before
         // that: no savepoint needed.
+        let home = self.home;
+        let _wake = WakeOnDrop(self);
         self.store
             .write_without_savepoint(move |ctx| {
                 let now = clock.now_ms();
-                match apply(ctx, &id, &mv, now, BY_API, delay, true)? {
+                match apply(ctx, home, &id, &mv, now, BY_API, delay, true)? {
                     Applied::Moved(order, timers) => Ok(Ok((order, timers))),
                     Applied::Missing => Err(abort(OrderError::NotFound { what: "order", id })),
                     Applied::Refused { status, pay_deadline } => match refusal(&id, &mv, status, pay_deadline, now) {
                         Refusal::CloseLate => {
-                            apply(ctx, &id, &CLOSE, now, LATE_PAYMENT, 0, false)?;
+                            apply(ctx, home, &id, &CLOSE, now, LATE_PAYMENT, 0, false)?;
                             Ok(Err(OrderError::OrderClosed { id }))
                         }
                         Refusal::Error(e) => Err(abort(e)),
@@ -246,10 +385,12 @@ impl OrderDb for SqliteDb {
     }
 
     async fn timer_move(&self, id: String, mv: Move, source: String, clock: Arc<dyn Clock>) -> overdue::Result<bool> {
+        let home = self.home;
+        let _wake = WakeOnDrop(self);
         self.store
             .write_without_savepoint(move |ctx| {
                 let now = clock.now_ms();
-                let applied = apply(ctx, &id, &mv, now, Cause { source: &source, detail: None }, 0, false)?;
+                let applied = apply(ctx, home, &id, &mv, now, Cause { source: &source, detail: None }, 0, false)?;
                 Ok(matches!(applied, Applied::Moved(..)))
             })
             .await

@@ -47,9 +47,11 @@ fn lines(i: usize) -> Vec<(&'static str, i64)> {
 /// Creates `n` orders concurrently (they share group commits).
 async fn create(shop: &Shop, n: usize, offset: usize) -> Vec<Order> {
     let svc = &shop.svc;
-    try_join_all((0..n).map(|i| svc.create_order(new_order(&format!("buyer{}", (i + offset) % 97), &lines(i + offset)))))
+    let orders = try_join_all((0..n).map(|i| svc.create_order(new_order(&format!("buyer{}", (i + offset) % 97), &lines(i + offset)))))
         .await
-        .expect("create orders")
+        .expect("create orders");
+    shop.flush().await;
+    orders
 }
 
 /// The service's clock in the clock-crossing test: it follows the shop's manual clock, and once

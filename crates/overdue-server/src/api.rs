@@ -299,6 +299,9 @@ struct OrderDetail {
 async fn get_order(State(st): St, ApiPath(id): ApiPath<String>) -> ApiResult<Json<OrderDetail>> {
     let order = st.orders.get_order(&id).await?;
     let events = st.orders.order_events(&id).await?;
+    // With the timers in Redis, relay what the order's last writes changed first, so the timers
+    // shown are the ones those writes left (a no-op when the timers live beside the orders).
+    st.orders.flush_timers().await?;
     let lookups = ORDER_QUEUES.map(|q| st.engine.get(q, &id));
     let mut timers = Vec::new();
     for t in futures::future::join_all(lookups).await {

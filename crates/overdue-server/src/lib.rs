@@ -61,6 +61,8 @@ pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 
 /// Default store URL: the embedded SQLite file under `./overdue-data/`.
 pub const DEFAULT_BACKEND_URL: &str = overdue::DEFAULT_STORE_URL;
+/// Default order database when the timers are in Redis.
+pub const DEFAULT_ORDERS_URL: &str = "sqlite:overdue-data/orders.db";
 /// Default request body limit: 64 KiB.
 pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
 /// Default timeout of one callback or webhook delivery.
@@ -101,8 +103,12 @@ pub enum ServerError {
 #[derive(Clone)]
 pub struct AppConfig {
     /// Store URL: `sqlite:PATH`, `postgres://…` or `mysql://…` (the order tables go into the
-    /// same database as the timers).
+    /// same database as the timers), or `redis://…` (timers in Redis, orders in
+    /// [`AppConfig::orders_url`]).
     pub backend_url: String,
+    /// Where the orders live when the timers are in Redis: a `sqlite:PATH` URL (default
+    /// [`DEFAULT_ORDERS_URL`]). Refused with a SQL backend (there the orders go beside the timers).
+    pub orders_url: Option<String>,
     /// What wakes the engine: wheel (default), heap or scan.
     pub trigger: TriggerKind,
     /// Order timeouts.
@@ -133,6 +139,7 @@ impl Default for AppConfig {
     fn default() -> Self {
         AppConfig {
             backend_url: DEFAULT_BACKEND_URL.to_owned(),
+            orders_url: None,
             trigger: TriggerKind::default(),
             order: OrderConfig::default(),
             token: None,
@@ -154,6 +161,7 @@ impl fmt::Debug for AppConfig {
         let redact = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
         f.debug_struct("AppConfig")
             .field("backend_url", &self.backend_url)
+            .field("orders_url", &self.orders_url)
             .field("trigger", &self.trigger)
             .field("order", &self.order)
             .field("token", &redact(&self.token))
@@ -271,7 +279,7 @@ impl App {
     pub async fn start(cfg: AppConfig) -> Result<App> {
         cfg.validate()?;
         metrics_export::install();
-        let (backend, store) = open_backend(&cfg.backend_url).await?;
+        let (backend, store) = open_backend(&cfg.backend_url, cfg.orders_url.as_deref()).await?;
         let orders = OrderService::open(backend, cfg.clock.clone(), cfg.order.clone()).await?;
         let delivery = Arc::new(callback::Delivery::new(cfg.callback_secret.clone(), cfg.callback_timeout, cfg.clock.clone())?);
         let limits = Limits::with_max_payload(cfg.body_limit.max(overdue::limits::DEFAULT_MAX_PAYLOAD))?;
@@ -337,9 +345,30 @@ impl Drop for App {
 
 /// Opens the store a backend URL names, for the engine and for the order service (whose tables
 /// go into the same database), with a clear error for a backend the order service cannot use.
-async fn open_backend(url: &str) -> Result<(OrderBackend, Arc<dyn Store>)> {
+async fn open_backend(url: &str, orders_url: Option<&str>) -> Result<(OrderBackend, Arc<dyn Store>)> {
     let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
+    if let Some(orders) = orders_url
+        && (scheme != "redis" || !cfg!(feature = "redis"))
+    {
+        return Err(ServerError::Config(format!(
+            "orders url {}: only with a redis:// backend; with {scheme}: the orders live beside the timers",
+            overdue::redact_url(orders)
+        )));
+    }
     match scheme {
+        #[cfg(feature = "redis")]
+        "redis" => {
+            let orders = orders_url.unwrap_or(DEFAULT_ORDERS_URL);
+            if !orders.starts_with("sqlite:") {
+                return Err(ServerError::Config(format!(
+                    "orders url {}: with timers in Redis the orders live in SQLite (sqlite:PATH)",
+                    overdue::redact_url(orders)
+                )));
+            }
+            let timers = overdue::open(url).await?;
+            let orders = SqliteStore::open_url(orders).await?;
+            Ok((OrderBackend::SqliteRelayed(orders), timers))
+        }
         "sqlite" => {
             let store = SqliteStore::open_url(url).await?;
             Ok((store.clone().into(), Arc::new(store)))
@@ -356,7 +385,7 @@ async fn open_backend(url: &str) -> Result<(OrderBackend, Arc<dyn Store>)> {
         }
         _ => Err(ServerError::Config(format!(
             "backend {}: the order service keeps its orders in a SQL database beside the timers; use \
-             sqlite:PATH (e.g. {DEFAULT_BACKEND_URL}){}{}",
+             sqlite:PATH (e.g. {DEFAULT_BACKEND_URL}){}{}, or redis://HOST (timers in Redis, orders in SQLite)",
             overdue::redact_url(url),
             if cfg!(feature = "postgres") { ", postgres://USER@HOST/DB" } else { "" },
             if cfg!(feature = "mysql") { ", mysql://USER@HOST/DB" } else { "" },

@@ -10,10 +10,12 @@ pub enum Db {
     Sqlite,
     Postgres,
     Mysql,
+    /// Orders in SQLite, timers in Redis (the order service's relayed mode).
+    Redis,
 }
 
 /// For each test function `name(db: Db)` listed, one `#[tokio::test]` per [`Db`], in modules
-/// `sqlite`, `postgres` and `mysql` of the calling file. The function decides what an
+/// `sqlite`, `postgres`, `mysql` and `redis` of the calling file. The function decides what an
 /// unreachable server means (the helpers here skip, or fail under `CI`).
 #[macro_export]
 macro_rules! every_backend {
@@ -21,6 +23,7 @@ macro_rules! every_backend {
         $crate::every_backend!(@on sqlite, Sqlite; $($name),*);
         $crate::every_backend!(@on postgres, Postgres; $($name),*);
         $crate::every_backend!(@on mysql, Mysql; $($name),*);
+        $crate::every_backend!(@on redis, Redis; $($name),*);
     };
     (@on $module:ident, $db:ident; $($name:ident),*) => {
         mod $module {
@@ -32,6 +35,41 @@ macro_rules! every_backend {
             )*
         }
     };
+}
+
+/// The test Redis: `OVERDUE_TEST_REDIS`, or the one on 127.0.0.1.
+pub mod redis {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    pub fn server_url() -> String {
+        std::env::var("OVERDUE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    }
+
+    /// The URL of the test Redis with a fresh key prefix `ot:<ms>:<random>`, or `None` (test
+    /// skipped) when nothing listens there outside CI. Under `CI` an unreachable server panics.
+    pub async fn fresh_url() -> Option<String> {
+        let base = server_url();
+        let addr = base.trim_start_matches("redis://").split(['/', '?']).next().unwrap_or("127.0.0.1:6379").to_owned();
+        let addr = addr.rsplit('@').next().unwrap_or(&addr).to_owned();
+        let reachable = tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::TcpStream::connect(&addr)).await;
+        if !matches!(reachable, Ok(Ok(_))) {
+            if std::env::var_os("CI").is_some() {
+                panic!("CI is set but the Redis server at {base} cannot be reached");
+            }
+            eprintln!("skipped: no Redis at {base}; set CI to make this a failure");
+            return None;
+        }
+        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Some(format!("{base}{sep}prefix=ot:{ms}:{:08x}", rand_u32()))
+    }
+
+    fn rand_u32() -> u32 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+        h.finish() as u32
+    }
 }
 
 #[cfg(feature = "postgres")]

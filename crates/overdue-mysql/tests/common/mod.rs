@@ -11,6 +11,7 @@ use overdue_engine::TriggerKind;
 use overdue_mysql::MysqlStore;
 use overdue_testkit::Backend;
 
+#[allow(unused_imports)]
 pub use overdue_testkit::servers::mysql::{fresh_database, fresh_url, server_url};
 
 /// The database named in a test URL.

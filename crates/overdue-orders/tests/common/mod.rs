@@ -9,6 +9,7 @@ use overdue::{Clock, Engine, Firing, ManualClock, Store, Timer};
 use overdue_orders::*;
 use overdue_sql::{Durability, SqliteOptions, SqliteStore};
 
+#[allow(unused_imports)]
 pub use overdue_testkit::every_backend;
 pub use overdue_testkit::servers::Db;
 
@@ -68,6 +69,16 @@ impl Shop {
                 let store = overdue_mysql::MysqlStore::open_url(&url).await.expect("open mysql store");
                 (store.clone().into(), Arc::new(store), None)
             }
+            Db::Redis => {
+                let url = overdue_testkit::servers::redis::fresh_url().await?;
+                let timers = overdue_redis::RedisStore::open_url(&url).await.expect("open redis store");
+                let dir = tempfile::tempdir().expect("tempdir");
+                let orders =
+                    SqliteStore::open(dir.path().join("orders.db"), SqliteOptions::with_durability(Durability::Buffer))
+                        .await
+                        .expect("open order store");
+                (OrderBackend::SqliteRelayed(orders), Arc::new(timers), Some(dir))
+            }
         };
         let svc = OrderService::open(backend, svc_clock, cfg).await.expect("open service");
         let builder = Engine::builder(store).clock(Arc::new(clock.clone()));
@@ -76,10 +87,23 @@ impl Shop {
         Some(Shop { svc, engine, clock, db, dir })
     }
 
-    /// Sets virtual time and lets the engine fire everything due.
+    /// Relays pending timer changes to the timer store (orders in SQLite, timers in Redis); a
+    /// no-op elsewhere.
+    pub async fn flush(&self) {
+        self.svc.flush_timers().await.expect("relay timers");
+    }
+
+    /// Sets virtual time and lets the engine fire everything due (and, with relayed timers,
+    /// relays what the firings changed, until nothing is left).
     pub async fn at(&self, t: i64) {
+        self.flush().await;
         self.clock.set(t);
-        self.engine.settle().await;
+        loop {
+            self.engine.settle().await;
+            if self.svc.flush_timers().await.expect("relay timers") == 0 {
+                break;
+            }
+        }
     }
 
     pub async fn product(&self, id: &str, price_cents: i64, stock: i64) -> Product {
@@ -94,6 +118,7 @@ impl Shop {
     }
 
     pub async fn timer(&self, queue: &str, key: &str) -> Option<Timer> {
+        self.flush().await;
         self.engine.get(queue, key).await.expect("get timer")
     }
 

@@ -11,6 +11,7 @@ use overdue_engine::TriggerKind;
 use overdue_postgres::PgStore;
 use overdue_testkit::Backend;
 
+#[allow(unused_imports)]
 pub use overdue_testkit::servers::postgres::{fresh_schema, fresh_url, server_url};
 
 /// A conformance backend: one schema per test, reopened under the same node name after a
