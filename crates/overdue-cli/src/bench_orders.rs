@@ -43,7 +43,8 @@ pub struct OrdersBenchArgs {
     /// Run the server on this database instead of a fresh SQLite file: `postgres://…` (a fresh
     /// schema `overdue_bench_<ms>` is created and dropped) or `mysql://USER@HOST:PORT` (a fresh
     /// database `overdue_bench_<ms>` is created and dropped; any database in the URL is
-    /// replaced).
+    /// replaced) or `redis://…` (timers in Redis under a fresh key prefix, deleted after; orders
+    /// in a fresh SQLite file, relayed through the outbox table).
     #[arg(long)]
     backend: Option<String>,
     /// Load generator: `raw` (hand-written HTTP/1.1 on keep-alive connections, one thread) or
@@ -119,7 +120,7 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
     let place = match &args.backend {
         None => Place::Sqlite(format!("sqlite:{}?durability={}", tmp.path().join("orders.db").display(), args.durability)),
-        Some(url) => Place::fresh(url).await?,
+        Some(url) => Place::fresh(url, tmp.path(), &args.durability).await?,
     };
     let result = bench(&args, &place).await;
     place.drop_fresh().await;
@@ -132,12 +133,14 @@ enum Place {
     /// `(server url, url of the fresh place, name)`.
     Postgres(String, String, String),
     Mysql(String, String, String),
+    /// `(redis url with the fresh prefix, the prefix, orders url)`.
+    Redis(String, String, String),
 }
 
 impl Place {
     fn url(&self) -> &str {
         match self {
-            Place::Sqlite(u) | Place::Postgres(_, u, _) | Place::Mysql(_, u, _) => u,
+            Place::Sqlite(u) | Place::Postgres(_, u, _) | Place::Mysql(_, u, _) | Place::Redis(u, _, _) => u,
         }
     }
 
@@ -146,10 +149,19 @@ impl Place {
             Place::Sqlite(_) => "sqlite".to_owned(),
             Place::Postgres(_, _, n) => format!("postgres (schema {n})"),
             Place::Mysql(_, _, n) => format!("mysql (database {n})"),
+            Place::Redis(_, p, _) => format!("redis timers (prefix {p}), sqlite orders"),
         }
     }
 
-    async fn fresh(url: &str) -> anyhow::Result<Place> {
+    /// The `--orders` URL of the server, when the timers are in Redis.
+    fn orders(&self) -> Option<&str> {
+        match self {
+            Place::Redis(_, _, o) => Some(o),
+            _ => None,
+        }
+    }
+
+    async fn fresh(url: &str, dir: &std::path::Path, durability: &str) -> anyhow::Result<Place> {
         let name = format!("overdue_bench_{}", overdue::Clock::now_ms(&overdue::SystemClock));
         let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -169,7 +181,15 @@ impl Place {
             };
             return Ok(Place::Mysql(server.to_owned(), fresh, name));
         }
-        bail!("--backend must be postgres://… or mysql://… (leave it out for SQLite)")
+        if url.starts_with("redis://") {
+            if url.contains("prefix=") {
+                bail!("--backend: leave out prefix=; the bench uses a fresh key prefix and deletes it after the run");
+            }
+            let sep = if query.is_some() { '&' } else { '?' };
+            let orders = format!("sqlite:{}?durability={durability}", dir.join("orders.db").display());
+            return Ok(Place::Redis(format!("{url}{sep}prefix={name}"), name, orders));
+        }
+        bail!("--backend must be postgres://…, mysql://… or redis://… (leave it out for SQLite)")
     }
 
     /// Drops the fresh schema or database (best effort: a failure is reported, the results stand).
@@ -178,10 +198,40 @@ impl Place {
             Place::Sqlite(_) => Ok(()),
             Place::Postgres(server, _, name) => pg_admin(server, &format!("DROP SCHEMA IF EXISTS {name} CASCADE")).await,
             Place::Mysql(server, _, name) => mysql_admin(server, &format!("DROP DATABASE IF EXISTS {name}")).await,
+            Place::Redis(url, prefix, _) => redis_purge(url, prefix).await,
         };
         if let Err(e) = done {
             eprintln!("warning: could not drop the bench's {}: {e:#}", self.describe());
         }
+    }
+}
+
+/// Deletes every key under `prefix` (SCAN + UNLINK, a page at a time).
+async fn redis_purge(url: &str, prefix: &str) -> anyhow::Result<()> {
+    #[cfg(feature = "redis")]
+    {
+        let client = redis::Client::open(url).context("redis url")?;
+        let mut con = client.get_multiplexed_async_connection().await?;
+        for pattern in [format!("{prefix}:*"), format!("{{{prefix}:*")] {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) =
+                    redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).query_async(&mut con).await?;
+                if !keys.is_empty() {
+                    redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut con).await?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "redis"))]
+    {
+        let _ = (url, prefix);
+        bail!("this build has no redis support")
     }
 }
 
@@ -232,6 +282,7 @@ async fn bench(args: &OrdersBenchArgs, place: &Place) -> anyhow::Result<ExitCode
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--trigger", &args.trigger])
         .arg("--backend")
         .arg(place.url())
+        .args(place.orders().map(|o| ["--orders", o]).into_iter().flatten())
         .args(["--pay-timeout-secs", &args.timeout_secs.to_string(), "--remind-before-secs", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -74,7 +74,10 @@ impl TriggerChoice {
     pub fn external(self, url: &str) -> anyhow::Result<Option<Arc<dyn ExternalTrigger>>> {
         match self {
             TriggerChoice::InProcess(_) => Ok(None),
+            #[cfg(feature = "redis")]
             TriggerChoice::Keyspace => keyspace(url).map(|t| Some(Arc::new(t) as Arc<dyn ExternalTrigger>)),
+            #[cfg(not(feature = "redis"))]
+            TriggerChoice::Keyspace => keyspace(url).map(|never| match never {}),
         }
     }
 
@@ -93,14 +96,7 @@ impl TriggerChoice {
 
 /// `url` without its password (`scheme://user:***@host…`), for printing.
 pub fn redact(url: &str) -> String {
-    let end = url.find('?').unwrap_or(url.len());
-    match (url.find("://"), url[..end].rfind('@')) {
-        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-            None => url.to_owned(),
-        },
-        _ => url.to_owned(),
-    }
+    overdue::redact_url(url)
 }
 
 #[cfg(feature = "redis")]

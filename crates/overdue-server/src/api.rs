@@ -637,7 +637,8 @@ async fn replay_dead_letter(State(st): St, ApiPath(id): ApiPath<i64>) -> ApiResu
 
 async fn healthz(State(st): St) -> Response {
     let store = st.engine.store().capabilities().name;
-    let trigger = st.engine.config().trigger.as_str();
+    // The running trigger (an external one, e.g. keyspace, names itself), not the configured kind.
+    let trigger = st.engine.stats().trigger;
     match tokio::time::timeout(HEALTH_TIMEOUT, st.engine.counts()).await {
         Ok(Ok(_)) => {
             // The probe answered; the engine's own store calls may still have failed lately.
