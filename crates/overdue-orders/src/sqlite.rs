@@ -8,9 +8,11 @@
 //! A domain error found half way travels out of the closure inside the store error
 //! ([`abort`]) and comes back out as the [`OrderError`] it was ([`recover`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
 use overdue::{Clock, TimerRef, TimerSpec};
 use overdue_sql::{SqlResultExt, SqliteStore, WriteCtx};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -44,6 +46,8 @@ pub(crate) struct SqliteDb {
 
 /// Timer changes relayed per pass.
 const RELAY_BATCH: usize = 1000;
+/// Cancels a relay pass keeps in flight at once (the Redis client pipelines them).
+const RELAY_CANCELS_IN_FLIGHT: usize = 64;
 
 /// Schedules `specs` where `home` says; the refs to track (none for the outbox: the relay
 /// tracks what it applied). `or_fail`: fail the write on an invalid timer (an order's own).
@@ -105,8 +109,8 @@ impl SqliteDb {
         }
     }
 
-    /// One relay pass: applies the oldest timer changes of `order_timer_outbox` to `target` in the
-    /// order they were written (a run of schedules is one batched call), then deletes them.
+    /// One relay pass: applies the oldest timer changes of `order_timer_outbox` to `target` (the
+    /// last change of each timer wins, as if applied in write order), then deletes them.
     /// A crash between the two applies them again at the next pass: an upsert and a cancel are
     /// both safe to repeat. Returns the refs scheduled (to track) and how many rows were done.
     async fn relay(&self, target: &dyn overdue::Store, now: i64) -> overdue::Result<(Vec<TimerRef>, usize)> {
@@ -132,25 +136,30 @@ impl SqliteDb {
                 other => overdue::Error::store("orders", other.to_string(), false, other),
             })?;
         let Some(last) = intents.last().map(|i| i.id) else { return Ok((Vec::new(), 0)) };
-        let mut refs = Vec::new();
-        let mut run: Vec<TimerSpec> = Vec::new();
+        // Only the last change of each timer matters: a schedule is an upsert (it replaces
+        // whatever came before), a cancel deletes whatever came before. So the batch collapses
+        // to one final change per timer, and those touch distinct timers: all schedules go in
+        // one batched call, the cancels run concurrently.
+        let mut finals: HashMap<(&str, &str), &Intent> = HashMap::with_capacity(intents.len());
         for intent in &intents {
-            if intent.schedule {
-                run.push(TimerSpec::new(intent.queue.clone(), intent.key.clone(), intent.due_at));
-                continue;
-            }
-            if !run.is_empty() {
-                let specs = std::mem::take(&mut run);
-                let generations = target.schedule(specs.clone(), now).await?;
-                refs.extend(specs.iter().zip(generations).map(|(s, g)| timer_ref(&s.queue, &s.key, g, s.due_at)));
-            }
-            target.cancel(&intent.queue, &intent.key).await?;
-            refs.retain(|r: &TimerRef| !(r.queue == intent.queue && r.key == intent.key));
+            finals.insert((intent.queue.as_str(), intent.key.as_str()), intent);
         }
-        if !run.is_empty() {
-            let generations = target.schedule(run.clone(), now).await?;
-            refs.extend(run.iter().zip(generations).map(|(s, g)| timer_ref(&s.queue, &s.key, g, s.due_at)));
+        let (schedules, cancels): (Vec<&Intent>, Vec<&Intent>) = finals.into_values().partition(|i| i.schedule);
+        let specs: Vec<TimerSpec> =
+            schedules.iter().map(|i| TimerSpec::new(i.queue.clone(), i.key.clone(), i.due_at)).collect();
+        let mut refs = Vec::with_capacity(specs.len());
+        if !specs.is_empty() {
+            let generations = target.schedule(specs.clone(), now).await?;
+            refs.extend(specs.iter().zip(generations).map(|(s, g)| timer_ref(&s.queue, &s.key, g, s.due_at)));
         }
+        let mut pending = Vec::with_capacity(cancels.len());
+        for i in &cancels {
+            pending.push(target.cancel(&i.queue, &i.key));
+        }
+        futures::stream::iter(pending)
+            .buffer_unordered(RELAY_CANCELS_IN_FLIGHT)
+            .try_collect::<Vec<_>>()
+            .await?;
         self.store
             .write(move |ctx| {
                 ctx.connection()
