@@ -42,6 +42,9 @@ pub(crate) struct SqliteDb {
     home: TimerHome,
     /// Woken after a write that left rows in `order_timer_outbox`.
     relay_wake: Arc<tokio::sync::Notify>,
+    /// One relay pass at a time: two passes reading the same rows could otherwise apply an
+    /// older schedule after a newer pass already applied its cancel.
+    relay_lock: tokio::sync::Mutex<()>,
 }
 
 /// Timer changes relayed per pass.
@@ -99,7 +102,7 @@ impl SqliteDb {
             .await
             .map_err(|e| OrderError::Store(overdue::Error::store("sqlite", format!("opening readers failed: {e}"), false, e)))??;
         tracing::info!(db = %store.path().display(), schema_found = found, schema = schema::latest_version(), "order tables ready");
-        Ok(SqliteDb { store, readers: Arc::new(readers), home, relay_wake: Arc::new(tokio::sync::Notify::new()) })
+        Ok(SqliteDb { store, readers: Arc::new(readers), home, relay_wake: Arc::new(tokio::sync::Notify::new()), relay_lock: tokio::sync::Mutex::new(()) })
     }
 
     /// Wakes the relay when this database keeps its timers in the outbox.
@@ -114,6 +117,7 @@ impl SqliteDb {
     /// A crash between the two applies them again at the next pass: an upsert and a cancel are
     /// both safe to repeat. Returns the refs scheduled (to track) and how many rows were done.
     async fn relay(&self, target: &dyn overdue::Store, now: i64) -> overdue::Result<(Vec<TimerRef>, usize)> {
+        let _one_at_a_time = self.relay_lock.lock().await;
         let intents = self
             .read(|c| {
                 let mut stmt = c.prepare_cached(sql::TIMER_OUTBOX_PENDING).store_err("read timer outbox")?;
