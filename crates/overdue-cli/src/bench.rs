@@ -28,6 +28,11 @@
 //! left in the outbox, which the second publishes as already due). The bench then deletes the
 //! keys, so the steady phase is measured without 1-hour TTL keys of its own in Redis; the far
 //! phase's keys are deleted at the end.
+//!
+//! `--backend amqp://…?mode=dlx|delayed` (or `--trigger amqp --trigger-url amqp://…`) is the
+//! same with RabbitMQ as the trigger: a fresh SQLite store with its outbox, and a fresh
+//! `prefix=` whose exchanges and queues are deleted after the fire phase (the hour-long notices)
+//! and at the end.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -41,7 +46,7 @@ use overdue::{Clock, Engine, EngineConfig, Firing, Outcome, QueueConfig, Store, 
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use crate::trigger::{DEFAULT_TRIGGER_URL, TriggerChoice};
+use crate::trigger::TriggerChoice;
 use crate::util::{OffsetClock, rss_bytes, system_clock, thousands};
 
 const QUEUE: &str = "bench";
@@ -54,15 +59,18 @@ pub struct BenchArgs {
     /// `orders`: the order service over HTTP instead of the bare engine.
     #[command(subcommand)]
     kind: Option<BenchKind>,
-    /// Store URL; default: a fresh SQLite database in a temporary directory.
+    /// Store URL; default: a fresh SQLite database in a temporary directory. A broker URL
+    /// (`amqp://…?mode=dlx`) means that default store plus that broker as the trigger.
     #[arg(long, env = "OVERDUE_BACKEND")]
     backend: Option<String>,
-    /// Trigger: wheel, heap, scan (in-process) or keyspace (Redis key-expiry events at
-    /// --trigger-url; the store needs an outbox: the default SQLite store gets one).
+    /// Trigger: wheel, heap, scan (in-process), keyspace (Redis key-expiry events at
+    /// --trigger-url) or amqp (RabbitMQ at --trigger-url); an external trigger needs a store
+    /// with an outbox: the default SQLite store gets one.
     #[arg(long, default_value = "wheel")]
     trigger: TriggerChoice,
-    /// Where an external trigger connects (keyspace: a redis:// URL; a fresh `prefix=` is
-    /// added unless it has one). Default: redis://127.0.0.1:6379.
+    /// Where an external trigger connects (keyspace: a redis:// URL, default
+    /// redis://127.0.0.1:6379; amqp: an amqp:// URL, default
+    /// amqp://guest:guest@127.0.0.1:5672/%2f?mode=dlx); a fresh `prefix=` is added unless it has one.
     #[arg(long, env = "OVERDUE_TRIGGER_URL")]
     trigger_url: Option<String>,
     /// Timers scheduled (phase 1) and then fired (phase 2).
@@ -275,9 +283,17 @@ async fn produce(engines: &[Arc<Engine>], n: u64, producers: usize, batch: usize
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(BenchKind::Orders(o)) = args.kind {
         return crate::bench_orders::run(o).await;
+    }
+    // A broker URL as the backend: the default SQLite store (outbox on) and that trigger.
+    if let Some(t) = args.backend.as_deref().and_then(TriggerChoice::for_backend_url) {
+        if args.trigger_url.is_some() {
+            bail!("--backend {} names the trigger's broker already; drop --trigger-url", crate::trigger::redact(args.backend.as_deref().unwrap_or("")));
+        }
+        args.trigger = t;
+        args.trigger_url = args.backend.take();
     }
     if args.batch == 0 || args.batch > overdue::limits::MAX_BATCH {
         bail!("--batch must be between 1 and {}", overdue::limits::MAX_BATCH);
@@ -303,7 +319,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let url = args.trigger.store_url(&url);
     let trigger_url = {
-        let u = args.trigger_url.clone().unwrap_or_else(|| DEFAULT_TRIGGER_URL.to_owned());
+        let u = args.trigger_url.clone().unwrap_or_else(|| args.trigger.default_url().to_owned());
         if args.trigger.is_external() && !u.contains("prefix=") {
             let sep = if u.contains('?') { '&' } else { '?' };
             format!("{u}{sep}prefix=overdue-bench-{}", overdue::SystemClock.now_ms())

@@ -1,7 +1,8 @@
 //! `--trigger`: an in-process trigger (`wheel`, `heap`, `scan`, run by the engine over any
-//! store) or an external one (`keyspace`: Redis key-expiry events, with the store as the source
-//! of truth and its outbox on). The external trigger's own address is `--trigger-url` (or
-//! `OVERDUE_TRIGGER_URL`), default [`DEFAULT_TRIGGER_URL`].
+//! store) or an external one (`keyspace`: Redis key-expiry events; `amqp`: RabbitMQ, TTL
+//! cascade or delayed-message plugin by the URL's `mode=`), with the store as the source of truth
+//! and its outbox on. The external trigger's own address is `--trigger-url` (or
+//! `OVERDUE_TRIGGER_URL`), default [`TriggerChoice::default_url`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -11,6 +12,8 @@ use overdue::{ExternalTrigger, TriggerKind};
 
 /// Where the `keyspace` trigger finds Redis unless `--trigger-url` says otherwise.
 pub const DEFAULT_TRIGGER_URL: &str = "redis://127.0.0.1:6379";
+/// Where the `amqp` trigger finds RabbitMQ unless `--trigger-url` says otherwise.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f?mode=dlx";
 
 /// A value of `--trigger`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +22,8 @@ pub enum TriggerChoice {
     InProcess(TriggerKind),
     /// Redis key-expiry events (`overdue_redis::KeyspaceTrigger`).
     Keyspace,
+    /// RabbitMQ (`overdue_rabbitmq::AmqpTrigger`), `mode=dlx` or `mode=delayed`.
+    Amqp,
 }
 
 impl FromStr for TriggerChoice {
@@ -26,10 +31,11 @@ impl FromStr for TriggerChoice {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "keyspace" => Ok(TriggerChoice::Keyspace),
+            "amqp" => Ok(TriggerChoice::Amqp),
             other => other
                 .parse::<TriggerKind>()
                 .map(TriggerChoice::InProcess)
-                .map_err(|_| format!("unknown trigger {other:?}: expected wheel, heap, scan or keyspace")),
+                .map_err(|_| format!("unknown trigger {other:?}: expected wheel, heap, scan, keyspace or amqp")),
         }
     }
 }
@@ -39,6 +45,7 @@ impl fmt::Display for TriggerChoice {
         match self {
             TriggerChoice::InProcess(k) => k.fmt(f),
             TriggerChoice::Keyspace => f.write_str("keyspace"),
+            TriggerChoice::Amqp => f.write_str("amqp"),
         }
     }
 }
@@ -49,8 +56,22 @@ impl TriggerChoice {
     pub fn kind(self) -> TriggerKind {
         match self {
             TriggerChoice::InProcess(k) => k,
-            TriggerChoice::Keyspace => TriggerKind::default(),
+            TriggerChoice::Keyspace | TriggerChoice::Amqp => TriggerKind::default(),
         }
+    }
+
+    /// The external trigger's address when `--trigger-url` is not given.
+    pub fn default_url(self) -> &'static str {
+        match self {
+            TriggerChoice::Amqp => DEFAULT_AMQP_URL,
+            _ => DEFAULT_TRIGGER_URL,
+        }
+    }
+
+    /// The trigger a broker URL given as `--backend` stands for (`amqp://…`: an SQLite store
+    /// with its outbox plus the `amqp` trigger on that URL), or `None` for a store URL.
+    pub fn for_backend_url(url: &str) -> Option<TriggerChoice> {
+        url.starts_with("amqp://").then_some(TriggerChoice::Amqp)
     }
 
     /// True for a trigger outside the process (the store then needs its outbox).
@@ -78,11 +99,16 @@ impl TriggerChoice {
             TriggerChoice::Keyspace => keyspace(url).map(|t| Some(Arc::new(t) as Arc<dyn ExternalTrigger>)),
             #[cfg(not(feature = "redis"))]
             TriggerChoice::Keyspace => keyspace(url).map(|never| match never {}),
+            #[cfg(feature = "rabbitmq")]
+            TriggerChoice::Amqp => amqp(url).map(|t| Some(Arc::new(t) as Arc<dyn ExternalTrigger>)),
+            #[cfg(not(feature = "rabbitmq"))]
+            TriggerChoice::Amqp => amqp(url).map(|never| match never {}),
         }
     }
 
     /// Deletes what the external trigger still holds for timers nobody needs any more (the
-    /// keyspace trigger's waiting expiry keys of its prefix); returns how many.
+    /// keyspace trigger's waiting expiry keys of its prefix; the amqp trigger's exchanges and
+    /// queues of its prefix, with their messages); returns how many.
     pub async fn purge(self, url: &str) -> anyhow::Result<u64> {
         match self {
             TriggerChoice::InProcess(_) => Ok(0),
@@ -90,6 +116,10 @@ impl TriggerChoice {
             TriggerChoice::Keyspace => Ok(keyspace(url)?.purge().await?),
             #[cfg(not(feature = "redis"))]
             TriggerChoice::Keyspace => keyspace(url).map(|_| 0),
+            #[cfg(feature = "rabbitmq")]
+            TriggerChoice::Amqp => Ok(amqp(url)?.purge().await?),
+            #[cfg(not(feature = "rabbitmq"))]
+            TriggerChoice::Amqp => amqp(url).map(|_| 0),
         }
     }
 }
@@ -109,18 +139,31 @@ fn keyspace(_url: &str) -> anyhow::Result<std::convert::Infallible> {
     anyhow::bail!("the keyspace trigger needs the redis feature, which this build of overdue does not have")
 }
 
+#[cfg(feature = "rabbitmq")]
+fn amqp(url: &str) -> anyhow::Result<overdue::rabbitmq::AmqpTrigger> {
+    Ok(overdue::rabbitmq::AmqpTrigger::from_url(url)?)
+}
+
+#[cfg(not(feature = "rabbitmq"))]
+fn amqp(_url: &str) -> anyhow::Result<std::convert::Infallible> {
+    anyhow::bail!("the amqp trigger needs the rabbitmq feature, which this build of overdue does not have")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_trigger_name_parses_and_prints_back() {
-        for name in ["wheel", "heap", "scan", "keyspace"] {
+        for name in ["wheel", "heap", "scan", "keyspace", "amqp"] {
             let t: TriggerChoice = name.parse().expect(name);
             assert_eq!(t.to_string(), name);
         }
         let e = "kafka".parse::<TriggerChoice>().expect_err("unknown");
-        assert!(e.contains("keyspace"), "{e}");
+        assert!(e.contains("keyspace") && e.contains("amqp"), "{e}");
+        assert_eq!(TriggerChoice::for_backend_url("amqp://h/%2f?mode=dlx"), Some(TriggerChoice::Amqp));
+        assert_eq!(TriggerChoice::for_backend_url("sqlite:/a"), None);
+        assert!(TriggerChoice::Amqp.default_url().starts_with("amqp://"));
     }
 
     #[test]

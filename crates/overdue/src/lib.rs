@@ -63,6 +63,13 @@ pub mod redisson {
     pub use overdue_redisson::*;
 }
 
+/// The RabbitMQ triggers (`amqp://…?mode=dlx|delayed`): the broker waits, a SQL store with its
+/// outbox stays the source of truth.
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq {
+    pub use overdue_rabbitmq::*;
+}
+
 /// The default store URL: an SQLite file under `./overdue-data/`.
 pub const DEFAULT_STORE_URL: &str = "sqlite:overdue-data/overdue.db";
 

@@ -1,0 +1,31 @@
+//! How fast one trigger publishes (confirmed) notices: `cargo run --release -p overdue-rabbitmq
+//! --example publish_rate -- [N] [BATCH] [DELAY_MS]` against the broker on 127.0.0.1 (a fresh prefix,
+//! deleted afterwards).
+
+use std::time::Instant;
+
+use overdue_core::{ExternalTrigger, TimerRef};
+use overdue_rabbitmq::{AmqpOptions, AmqpTrigger};
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> overdue_core::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let batch: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
+    let delay: i64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(3_600_000);
+    let prefix = format!("overdue-publish-rate-{}", std::process::id());
+    let opts = AmqpOptions { prefix, ..AmqpOptions::default() };
+    let trigger = AmqpTrigger::new("amqp://guest:guest@127.0.0.1:5672/%2f", opts);
+    trigger.start().await?;
+    let now = 1_700_000_000_000;
+    let notices: Vec<TimerRef> =
+        (0..n).map(|i| TimerRef { queue: "q".into(), key: format!("k{i}"), generation: i as u64, due_at: now + delay }).collect();
+    let started = Instant::now();
+    for chunk in notices.chunks(batch) {
+        trigger.publish(chunk, now).await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("{n} notices due in {delay} ms, in batches of {batch}: {secs:.2} s, {:.0} /s", n as f64 / secs);
+    trigger.purge().await?;
+    Ok(())
+}
