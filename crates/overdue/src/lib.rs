@@ -113,6 +113,13 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
         "redis" => Ok(Arc::new(overdue_redis::RedisStore::open_url(url).await?)),
         #[cfg(feature = "redisson")]
         "redisson" => Ok(Arc::new(overdue_redisson::RedissonStore::open_url(url).await?)),
+        #[cfg(feature = "rabbitmq")]
+        "amqp" => Err(Error::Config(
+            "amqp:// is a trigger, not a store: RabbitMQ waits, a SQL store keeps the timers; use an SQL store URL \
+             with --trigger amqp --trigger-url amqp://… (overdue bench also takes --backend amqp://…, meaning the \
+             default SQLite store with its outbox plus that trigger)"
+                .to_owned(),
+        )),
         _ if KNOWN_SCHEMES.contains(&scheme) => {
             Err(Error::Config(format!(
                 "the {scheme}:// backend is not built into this version of overdue (build it with the cargo \
