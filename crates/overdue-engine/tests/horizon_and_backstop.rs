@@ -149,6 +149,18 @@ async fn a_claim_that_waited_past_its_safe_start_is_released_and_claimed_afresh_
             r.expect("the slow handler did not start");
         }
     }
+    // "waiting" is claimed in the same pass as "slow", but that claim may still be on its way
+    // when "slow" starts (claims are pipelined): wait until its lease is held at T0+1, or the
+    // clock jump below would find it unclaimed and the test would prove nothing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = e.get("q", "waiting").await.expect("get").expect("waiting is stored");
+        if matches!(t.state, overdue_core::TimerState::InFlight { .. }) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "\"waiting\" was never claimed at T0+1: {t:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     // 40 s later the slow handler finishes: "waiting" could now run until T0+70 s, past its lease.
     clock.set(T0 + 40_001);
     gate.add_permits(1);
