@@ -32,4 +32,4 @@ pub use model::{
     Timer, TimerRef, TimerSpec, TimerState,
 };
 pub use store::{Capabilities, Store};
-pub use trigger::{Delivery, DueSink, ExternalTrigger};
+pub use trigger::{Delivery, DueSink, ExternalTrigger, reconnect_pause};

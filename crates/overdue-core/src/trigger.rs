@@ -103,3 +103,15 @@ pub trait ExternalTrigger: Send + Sync + fmt::Debug + 'static {
     /// Delivers due notices to `sink` until `sink.stopped()`; see the module docs.
     async fn consume(&self, sink: Arc<dyn DueSink>) -> Result<()>;
 }
+
+/// The pause between two connection attempts of a trigger's consumer: waits `backoff` (cut
+/// short when the engine stops), then doubles `backoff` up to `max`. `false` when the engine
+/// stopped, so the consumer should return.
+pub async fn reconnect_pause(sink: &dyn DueSink, backoff: &mut std::time::Duration, max: std::time::Duration) -> bool {
+    let stopped = tokio::select! {
+        _ = sink.until_stopped() => true,
+        _ = tokio::time::sleep(*backoff) => false,
+    };
+    *backoff = (*backoff * 2).min(max);
+    !stopped
+}

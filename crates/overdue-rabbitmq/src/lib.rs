@@ -863,11 +863,9 @@ impl ExternalTrigger for AmqpTrigger {
                     sink.set_healthy(false, Some(e.to_string()));
                 }
             }
-            tokio::select! {
-                _ = sink.until_stopped() => break,
-                _ = tokio::time::sleep(backoff) => {}
+            if !overdue_core::reconnect_pause(&*sink, &mut backoff, RECONNECT_MAX.max(self.inner.opts.reconnect_min)).await {
+                break;
             }
-            backoff = (backoff * 2).min(RECONNECT_MAX.max(self.inner.opts.reconnect_min));
         }
         while deliveries.join_next().await.is_some() {}
         Ok(())

@@ -738,11 +738,9 @@ impl ExternalTrigger for KeyspaceTrigger {
                     sink.set_healthy(false, Some(e.to_string()));
                 }
             }
-            tokio::select! {
-                _ = sink.until_stopped() => break,
-                _ = tokio::time::sleep(backoff) => {}
+            if !overdue_core::reconnect_pause(&*sink, &mut backoff, RECONNECT_MAX.max(self.inner.opts.reconnect_min)).await {
+                break;
             }
-            backoff = (backoff * 2).min(RECONNECT_MAX.max(self.inner.opts.reconnect_min));
         }
         // Deliveries still running answer `Redeliver` now (the engine stopped); let them set
         // their keys again before returning.
