@@ -305,17 +305,18 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
         bail!("--nodes must be between 1 and 16");
     }
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
-    // A postgres URL without a schema gets a fresh one, dropped again at the end.
-    let mut own_schema: Option<(String, String)> = None;
-    let url = match &args.backend {
+    // A postgres URL without a schema gets a fresh one, dropped again at the end (the same
+    // place `bench orders` makes for itself).
+    let own_schema = match &args.backend {
         Some(u) if (u.starts_with("postgres://") || u.starts_with("postgresql://")) && !u.contains("schema=") => {
-            let sep = if u.contains('?') { '&' } else { '?' };
-            let schema = format!("overdue_bench_{}", overdue::SystemClock.now_ms());
-            own_schema = Some((u.clone(), schema.clone()));
-            format!("{u}{sep}schema={schema}")
+            Some(crate::bench_orders::Place::fresh(u, tmp.path(), "full").await?)
         }
-        Some(u) => u.clone(),
-        None => format!("sqlite:{}", tmp.path().join("bench.db").display()),
+        _ => None,
+    };
+    let url = match (&own_schema, &args.backend) {
+        (Some(place), _) => place.url().to_owned(),
+        (None, Some(u)) => u.clone(),
+        (None, None) => format!("sqlite:{}", tmp.path().join("bench.db").display()),
     };
     let url = args.trigger.store_url(&url);
     let trigger_url = {
@@ -488,8 +489,8 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Err(e) = args.trigger.purge(&trigger_url).await {
         eprintln!("warning: could not delete the trigger's remaining keys: {e:#}");
     }
-    if let Some((base, schema)) = own_schema {
-        drop_schema(&base, &schema).await;
+    if let Some(place) = own_schema {
+        place.drop_fresh().await;
     }
 
     if args.json {
@@ -540,23 +541,3 @@ fn join(v: &[u64]) -> String {
     v.iter().map(|n| thousands(*n)).collect::<Vec<_>>().join(" / ")
 }
 
-/// Drops the schema a postgres run created for itself (best effort: a failure is reported, the
-/// results stand).
-async fn drop_schema(base: &str, schema: &str) {
-    #[cfg(feature = "postgres")]
-    {
-        let base = base.split_once('?').map_or(base, |(b, _)| b);
-        let res = async {
-            let pool = sqlx::PgPool::connect(base).await?;
-            sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&pool).await?;
-            pool.close().await;
-            Ok::<(), sqlx::Error>(())
-        }
-        .await;
-        if let Err(e) = res {
-            eprintln!("warning: could not drop the bench schema {schema}: {e}");
-        }
-    }
-    #[cfg(not(feature = "postgres"))]
-    let _ = (base, schema);
-}

@@ -127,8 +127,9 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
-/// Where the bench server keeps its data, and how to clean it away.
-enum Place {
+/// Where a bench keeps its data, and how to clean it away (also `overdue bench`'s fresh
+/// PostgreSQL schema).
+pub(crate) enum Place {
     Sqlite(String),
     /// `(server url, url of the fresh place, name)`.
     Postgres(String, String, String),
@@ -138,7 +139,7 @@ enum Place {
 }
 
 impl Place {
-    fn url(&self) -> &str {
+    pub(crate) fn url(&self) -> &str {
         match self {
             Place::Sqlite(u) | Place::Postgres(_, u, _) | Place::Mysql(_, u, _) | Place::Redis(u, _, _) => u,
         }
@@ -161,7 +162,7 @@ impl Place {
         }
     }
 
-    async fn fresh(url: &str, dir: &std::path::Path, durability: &str) -> anyhow::Result<Place> {
+    pub(crate) async fn fresh(url: &str, dir: &std::path::Path, durability: &str) -> anyhow::Result<Place> {
         let name = format!("overdue_bench_{}", overdue::Clock::now_ms(&overdue::SystemClock));
         let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -193,7 +194,7 @@ impl Place {
     }
 
     /// Drops the fresh schema or database (best effort: a failure is reported, the results stand).
-    async fn drop_fresh(&self) {
+    pub(crate) async fn drop_fresh(&self) {
         let done = match self {
             Place::Sqlite(_) => Ok(()),
             Place::Postgres(server, _, name) => pg_admin(server, &format!("DROP SCHEMA IF EXISTS {name} CASCADE")).await,
