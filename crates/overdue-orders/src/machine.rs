@@ -199,3 +199,19 @@ pub(crate) fn reminder_payload(id: &str, buyer: &str, pay_deadline: i64, total_c
     serde_json::json!({ "order_id": id, "buyer": buyer, "pay_deadline": pay_deadline, "total_cents": total_cents })
         .to_string()
 }
+
+/// A new order as `create_order` writes it: pending payment, version 1.
+pub(crate) fn pending_order(id: String, buyer: String, total_cents: i64, pay_deadline: i64, now: i64, items: Vec<OrderItem>) -> Order {
+    Order {
+        id,
+        buyer,
+        status: OrderStatus::PendingPayment,
+        total_cents,
+        pay_deadline,
+        created_at: now,
+        updated_at: now,
+        version: 1,
+        close_reason: None,
+        items,
+    }
+}

@@ -354,18 +354,7 @@ impl OrderDb for SqliteDb {
                 let specs = order_timers(&id, now, deadline, remind_before);
                 // The closure returns the error, so its savepoint undoes everything on failure.
                 let timers = schedule(ctx, home, &specs, now, true)?;
-                let order = Order {
-                    id,
-                    buyer: o.buyer,
-                    status: OrderStatus::PendingPayment,
-                    total_cents: total,
-                    pay_deadline: deadline,
-                    created_at: now,
-                    updated_at: now,
-                    version: 1,
-                    close_reason: None,
-                    items,
-                };
+                let order = pending_order(id, o.buyer, total, deadline, now, items);
                 Ok((order, timers))
             };
         let written = if single_line { self.store.write_without_savepoint(job).await } else { self.store.write(job).await };

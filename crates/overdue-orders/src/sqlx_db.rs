@@ -329,18 +329,7 @@ async fn create_order<T: Tx>(mut tx: T, o: &NewOrder, plan: OrderPlan, now: i64)
             .ok_or_else(|| OrderError::Invalid { field: "items", message: "the order total overflows".into() })?;
         items.push(OrderItem { product_id: line.product_id.clone(), quantity: line.quantity, price_cents: price });
     }
-    let order = Order {
-        id,
-        buyer: o.buyer.clone(),
-        status: OrderStatus::PendingPayment,
-        total_cents: total,
-        pay_deadline: deadline,
-        created_at: now,
-        updated_at: now,
-        version: 1,
-        close_reason: None,
-        items,
-    };
+    let order = pending_order(id, o.buyer.clone(), total, deadline, now, items);
     tx.insert_order(&order).await?;
     tx.insert_event(&order.id, "created", now, BY_API, false).await?;
     let specs = order_timers(&order.id, now, deadline, plan.remind_before_ms);
