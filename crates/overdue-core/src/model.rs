@@ -201,6 +201,57 @@ pub struct DeadLetterQuery {
     pub limit: u32,
 }
 
+/// Unclaimed timers of one queue by how soon they come due ([`crate::Store::due_histogram`]).
+/// The buckets do not overlap: `overdue` is `due_at <= now`, `next_minute` is
+/// `now < due_at <= now + 1 min`, `next_hour` up to `now + 1 h`, `next_day` up to `now + 24 h`,
+/// `later` the rest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DueBuckets {
+    pub queue: String,
+    pub overdue: u64,
+    pub next_minute: u64,
+    pub next_hour: u64,
+    pub next_day: u64,
+    pub later: u64,
+}
+
+impl DueBuckets {
+    /// Upper bounds of the buckets after `overdue`, as offsets from now in ms.
+    pub const EDGES_MS: [i64; 3] = [60_000, 3_600_000, 86_400_000];
+
+    /// Counts one timer due at `due_at`.
+    pub fn add(&mut self, due_at: i64, now: i64) {
+        let ahead = due_at.saturating_sub(now);
+        match ahead {
+            a if a <= 0 => self.overdue += 1,
+            a if a <= Self::EDGES_MS[0] => self.next_minute += 1,
+            a if a <= Self::EDGES_MS[1] => self.next_hour += 1,
+            a if a <= Self::EDGES_MS[2] => self.next_day += 1,
+            _ => self.later += 1,
+        }
+    }
+
+    /// Every timer counted.
+    pub fn total(&self) -> u64 {
+        self.overdue + self.next_minute + self.next_hour + self.next_day + self.later
+    }
+}
+
+/// [`DueBuckets`] of every queue with unclaimed timers, sorted by queue.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DueHistogram {
+    pub queues: Vec<DueBuckets>,
+    /// False when the store stopped counting the next day's timers one by one at
+    /// [`DueHistogram::SCAN_CAP`] (the generic implementation): the buckets then hold what was
+    /// counted and `later` the remainder of each queue's pending total.
+    pub exact: bool,
+}
+
+impl DueHistogram {
+    /// Most timers the generic [`crate::Store::due_histogram`] reads to fill the buckets.
+    pub const SCAN_CAP: usize = 100_000;
+}
+
 /// Per-queue counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueCount {

@@ -33,8 +33,8 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::model::{
-    Claimed, DeadLetter, DeadLetterQuery, ListQuery, QueueCount, Settlement, Timer, TimerRef,
-    TimerSpec,
+    Claimed, DeadLetter, DeadLetterQuery, DueBuckets, DueHistogram, ListQuery, QueueCount,
+    Settlement, Timer, TimerRef, TimerSpec, TimerState,
 };
 
 /// What a store can promise; the conformance suite reads this to know what to check.
@@ -74,6 +74,49 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Per-queue counts of pending, in-flight and dead timers.
     async fn counts(&self, now: i64) -> Result<Vec<QueueCount>>;
+
+    /// Unclaimed timers per queue by how soon they come due (for dashboards). The default reads
+    /// [`Store::counts`] and pages [`Store::list`] through the next day, up to
+    /// [`DueHistogram::SCAN_CAP`] timers; a store that can count ranges in its index overrides it
+    /// with one query.
+    async fn due_histogram(&self, now: i64) -> Result<DueHistogram> {
+        let mut by_queue: std::collections::BTreeMap<String, DueBuckets> = std::collections::BTreeMap::new();
+        let until = now.saturating_add(DueBuckets::EDGES_MS[2]);
+        let mut query = ListQuery { due_to: Some(until), limit: ListQuery::MAX_LIMIT, ..ListQuery::default() };
+        let mut read = 0usize;
+        let mut exact = true;
+        loop {
+            let page = self.list(&query, now).await?;
+            let full = page.len() as u32 >= query.effective_limit();
+            read += page.len();
+            for t in &page {
+                if t.state == TimerState::Pending {
+                    by_queue.entry(t.queue.clone()).or_default().add(t.due_at, now);
+                }
+            }
+            match page.last() {
+                Some(last) if full => {
+                    if read >= DueHistogram::SCAN_CAP {
+                        exact = false;
+                        break;
+                    }
+                    query.after = Some((last.due_at, last.queue.clone(), last.key.clone()));
+                }
+                _ => break,
+            }
+        }
+        for c in self.counts(now).await? {
+            let b = by_queue.entry(c.queue.clone()).or_default();
+            // What the day's pages did not count is later (or, past the cap, not yet counted).
+            b.later = c.pending.saturating_sub(b.total());
+        }
+        let queues = by_queue
+            .into_iter()
+            .filter(|(_, b)| b.total() > 0)
+            .map(|(queue, b)| DueBuckets { queue, ..b })
+            .collect();
+        Ok(DueHistogram { queues, exact })
+    }
 
     /// References (no payloads) to timers with `due_at <= until`, in `(due_at, queue, key)`
     /// order, strictly after the `after` cursor, at most `limit`. Used to page the near future

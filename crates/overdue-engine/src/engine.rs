@@ -400,6 +400,11 @@ impl Engine {
         self.shared.store.counts(self.shared.clock.now_ms()).await
     }
 
+    /// Unclaimed timers per queue by how soon they come due (see [`Store::due_histogram`]).
+    pub async fn due_histogram(&self) -> Result<overdue_core::DueHistogram> {
+        self.shared.store.due_histogram(self.shared.clock.now_ms()).await
+    }
+
     /// Dead letters in id order.
     pub async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>> {
         if let Some(q) = &query.queue {

@@ -30,4 +30,4 @@ pub mod stats;
 pub use config::{EngineConfig, QueueConfig, TriggerKind};
 pub use engine::{Engine, EngineBuilder, ShutdownReport};
 pub use handler::Handler;
-pub use stats::{EngineStats, LatenessSummary, MAX_QUEUE_LABELS, OTHER_QUEUES, queue_label};
+pub use stats::{EngineStats, LatenessSummary, MAX_QUEUE_LABELS, OTHER_QUEUES, RECENT_WINDOW, queue_label};

@@ -53,7 +53,13 @@ pub struct EngineStats {
     /// The last store error while unhealthy.
     pub store_error: Option<String>,
     pub lateness: LatenessSummary,
+    /// Lateness of the firings of the last [`RECENT_WINDOW`] to twice that (two windows that
+    /// take turns), for a live view; `count` 0 when nothing fired lately.
+    pub recent_lateness: LatenessSummary,
 }
+
+/// Length of one of the two windows behind [`EngineStats::recent_lateness`].
+pub const RECENT_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Lateness percentiles in milliseconds, over every firing since start.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -112,13 +118,70 @@ pub(crate) struct Stats {
     store_unhealthy: std::sync::atomic::AtomicBool,
     /// `Some(message)` from a failed store call until the next success.
     store_error: Mutex<Option<String>>,
-    lateness: Mutex<Histogram<u64>>,
+    lateness: Mutex<Lateness>,
+}
+
+/// Every firing's lateness since start, and the recent ones in two windows that take turns.
+#[derive(Debug)]
+struct Lateness {
+    total: Histogram<u64>,
+    current: Histogram<u64>,
+    previous: Histogram<u64>,
+    /// When `current` started collecting.
+    since: std::time::Instant,
+}
+
+impl Lateness {
+    fn new() -> Self {
+        let hist = || {
+            Histogram::new_with_max(LATENESS_MAX_MS, 3)
+                .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant figures is valid")))
+        };
+        Lateness { total: hist(), current: hist(), previous: hist(), since: std::time::Instant::now() }
+    }
+
+    /// Moves to a new window when the current one is over; forgets both after two idle windows.
+    fn turn(&mut self, now: std::time::Instant) {
+        let age = now.saturating_duration_since(self.since);
+        if age >= RECENT_WINDOW {
+            if age >= 2 * RECENT_WINDOW {
+                self.previous.reset();
+            } else {
+                std::mem::swap(&mut self.previous, &mut self.current);
+            }
+            self.current.reset();
+            self.since = now;
+        }
+    }
+
+    fn record(&mut self, ms: u64, now: std::time::Instant) {
+        self.turn(now);
+        self.total.saturating_record(ms);
+        self.current.saturating_record(ms);
+    }
+
+    fn recent(&mut self, now: std::time::Instant) -> LatenessSummary {
+        self.turn(now);
+        let mut both = self.previous.clone();
+        // Same bounds on both, so adding cannot fail.
+        let _ = both.add(&self.current);
+        summary(&both)
+    }
+}
+
+fn summary(h: &Histogram<u64>) -> LatenessSummary {
+    LatenessSummary {
+        count: h.len(),
+        p50_ms: h.value_at_quantile(0.50),
+        p90_ms: h.value_at_quantile(0.90),
+        p99_ms: h.value_at_quantile(0.99),
+        max_ms: h.max(),
+        mean_ms: h.mean(),
+    }
 }
 
 impl Stats {
     pub(crate) fn new() -> Self {
-        let hist = Histogram::new_with_max(LATENESS_MAX_MS, 3)
-            .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant figures is valid")));
         Stats {
             scheduled: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
@@ -137,14 +200,14 @@ impl Stats {
             store_errors: AtomicU64::new(0),
             store_unhealthy: std::sync::atomic::AtomicBool::new(false),
             store_error: Mutex::new(None),
-            lateness: Mutex::new(hist),
+            lateness: Mutex::new(Lateness::new()),
         }
     }
 
     pub(crate) fn record_fire(&self, queue: &str, lateness_ms: i64) {
         let ms = lateness_ms.max(0) as u64;
         self.fired.fetch_add(1, Relaxed);
-        self.lateness.lock().saturating_record(ms.min(LATENESS_MAX_MS));
+        self.lateness.lock().record(ms.min(LATENESS_MAX_MS), std::time::Instant::now());
         let label = queue_label(queue);
         metrics::counter!("overdue_timers_fired_total", "queue" => label.clone()).increment(1);
         metrics::histogram!("overdue_fire_lateness_seconds", "queue" => label).record(ms as f64 / 1000.0);
@@ -178,15 +241,9 @@ impl Stats {
     }
 
     pub(crate) fn snapshot(&self) -> EngineStats {
-        let h = self.lateness.lock();
-        let lateness = LatenessSummary {
-            count: h.len(),
-            p50_ms: h.value_at_quantile(0.50),
-            p90_ms: h.value_at_quantile(0.90),
-            p99_ms: h.value_at_quantile(0.99),
-            max_ms: h.max(),
-            mean_ms: h.mean(),
-        };
+        let mut h = self.lateness.lock();
+        let lateness = summary(&h.total);
+        let recent_lateness = h.recent(std::time::Instant::now());
         drop(h);
         let store_error = self.store_error.lock().clone();
         EngineStats {
@@ -211,12 +268,43 @@ impl Stats {
             store_healthy: store_error.is_none(),
             store_error,
             lateness,
+            recent_lateness,
         }
     }
 
     /// Forgets the lateness recorded so far (benchmarks measure one phase at a time).
     pub(crate) fn reset_lateness(&self) {
-        self.lateness.lock().reset();
+        let mut h = self.lateness.lock();
+        h.total.reset();
+        h.current.reset();
+        h.previous.reset();
+    }
+}
+
+#[cfg(test)]
+mod lateness_tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn recent_lateness_covers_one_to_two_windows_and_total_everything() {
+        let start = Instant::now();
+        let mut l = Lateness::new();
+        l.since = start;
+        l.record(500, start);
+        l.record(10, start + RECENT_WINDOW / 2);
+        assert_eq!((l.recent(start + RECENT_WINDOW / 2).count, l.recent(start).max_ms), (2, 500));
+        // One window on, the first window's firings are still shown (as the previous window)…
+        l.record(20, start + RECENT_WINDOW + RECENT_WINDOW / 4);
+        let r = l.recent(start + RECENT_WINDOW + RECENT_WINDOW / 4);
+        assert_eq!((r.count, r.max_ms), (3, 500));
+        // …and forgotten a window later; the total keeps everything.
+        let r = l.recent(start + 2 * RECENT_WINDOW + RECENT_WINDOW / 4);
+        assert_eq!((r.count, r.max_ms), (1, 20));
+        assert_eq!(summary(&l.total).count, 3);
+        // Idle for two windows: nothing recent at all.
+        assert_eq!(l.recent(start + 10 * RECENT_WINDOW).count, 0);
+        assert_eq!(summary(&l.total).max_ms, 500);
     }
 }
 

@@ -29,8 +29,10 @@ use crate::error::{ApiError, ApiErrorCode};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, BodyLimit, DRAIN_MAX, drain, too_large};
 use crate::{AppState, OPENAPI_JSON};
 
-/// Routes that answer without a token.
-pub(crate) const OPEN_PATHS: [&str; 2] = ["/healthz", "/openapi.json"];
+/// Routes that answer without a token (the dashboard's files hold no data; its script asks
+/// for the token).
+pub(crate) const OPEN_PATHS: [&str; 5] =
+    ["/healthz", "/openapi.json", crate::dashboard::PATHS[0], crate::dashboard::PATHS[1], crate::dashboard::PATHS[2]];
 /// How long `/healthz` waits for the store.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Order and product pages: default and largest size.
@@ -72,8 +74,10 @@ routes! {
     get "/v1/timers/{queue}/{key}" => get_timer,
     delete "/v1/timers/{queue}/{key}" => cancel_timer,
     post "/v1/timers/{queue}/{key}/fire-now" => fire_timer_now,
+    post "/v1/timers/{queue}/{key}/reschedule" => reschedule_timer,
     get "/v1/dead-letters" => list_dead_letters,
     post "/v1/dead-letters/{id}/replay" => replay_dead_letter,
+    get "/v1/overview" => overview,
     get "/healthz" => healthz,
     get "/metrics" => metrics,
     get "/openapi.json" => openapi,
@@ -87,6 +91,9 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     crate::metrics_export::install();
     let body_limit = state.body_limit;
     add_routes(Router::new())
+        .route(crate::dashboard::PATHS[0], axum::routing::get(crate::dashboard::index))
+        .route(crate::dashboard::PATHS[1], axum::routing::get(crate::dashboard::app_js))
+        .route(crate::dashboard::PATHS[2], axum::routing::get(crate::dashboard::style_css))
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -394,12 +401,7 @@ async fn create_timer(State(st): St, ApiJson(t): ApiJson<NewTimer>) -> ApiResult
     overdue::limits::check_key(&t.key)?;
     not_reserved(&t.queue)?;
     check_url(&t.callback_url).map_err(|e| ApiError::invalid(format!("invalid callback_url: {e}")))?;
-    let due_at = match (t.due_at, t.delay_ms) {
-        (Some(due), None) => due,
-        (None, Some(delay)) if delay >= 0 => st.clock.now_ms().saturating_add(delay),
-        (None, Some(delay)) => return Err(ApiError::invalid(format!("delay_ms {delay} must not be negative"))),
-        _ => return Err(ApiError::invalid("give exactly one of due_at (ms since the epoch) and delay_ms")),
-    };
+    let due_at = due_from(&st, t.due_at, t.delay_ms)?;
     let payload = match t.payload {
         Some(p) => p,
         None => RawValue::from_string("null".to_owned()).map_err(|e| ApiError::new(ApiErrorCode::Internal, e.to_string()))?,
@@ -502,6 +504,38 @@ async fn fire_timer_now(State(st): St, ApiPath((queue, key)): ApiPath<(String, S
     overdue::limits::check_queue(&queue)?;
     not_reserved(&queue)?;
     let due_at = st.clock.now_ms();
+    let generation = st.engine.reschedule(&queue, &key, due_at).await?;
+    Ok(Json(Scheduled { queue, key, due_at, generation }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewDue {
+    #[serde(default)]
+    due_at: Option<i64>,
+    #[serde(default)]
+    delay_ms: Option<i64>,
+}
+
+/// `due_at`, or now + `delay_ms`: exactly one of the two.
+fn due_from(st: &AppState, due_at: Option<i64>, delay_ms: Option<i64>) -> ApiResult<i64> {
+    match (due_at, delay_ms) {
+        (Some(due), None) => Ok(due),
+        (None, Some(delay)) if delay >= 0 => Ok(st.clock.now_ms().saturating_add(delay)),
+        (None, Some(delay)) => Err(ApiError::invalid(format!("delay_ms {delay} must not be negative"))),
+        _ => Err(ApiError::invalid("give exactly one of due_at (ms since the epoch) and delay_ms")),
+    }
+}
+
+async fn reschedule_timer(
+    State(st): St,
+    ApiPath((queue, key)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<NewDue>,
+) -> ApiResult<Json<Scheduled>> {
+    overdue::limits::check_queue(&queue)?;
+    overdue::limits::check_key(&key)?;
+    not_reserved(&queue)?;
+    let due_at = due_from(&st, body.due_at, body.delay_ms)?;
     let generation = st.engine.reschedule(&queue, &key, due_at).await?;
     Ok(Json(Scheduled { queue, key, due_at, generation }))
 }
@@ -634,6 +668,59 @@ async fn replay_dead_letter(State(st): St, ApiPath(id): ApiPath<i64>) -> ApiResu
 
 // ---------------------------------------------------------------------------------------------
 // operations
+
+fn lateness_json(l: &overdue::LatenessSummary) -> serde_json::Value {
+    serde_json::json!({
+        "count": l.count, "p50_ms": l.p50_ms, "p90_ms": l.p90_ms, "p99_ms": l.p99_ms, "max_ms": l.max_ms,
+        "mean_ms": (l.mean_ms * 10.0).round() / 10.0,
+    })
+}
+
+/// Everything the dashboard's overview shows, in one call: this node and its health, the
+/// engine's counters and lateness (since start and recent), per-queue counts with the due-time
+/// histogram, and orders by status.
+async fn overview(State(st): St) -> ApiResult<Json<serde_json::Value>> {
+    let now = st.clock.now_ms();
+    let (counts, due, statuses) = tokio::join!(st.engine.counts(), st.engine.due_histogram(), st.orders.status_counts());
+    let (counts, due, statuses) = (counts?, due?, statuses?);
+    let s = st.engine.stats();
+    let store = st.engine.store().capabilities().name;
+    let queues: Vec<serde_json::Value> = counts
+        .iter()
+        .map(|c| {
+            let b = due.queues.iter().find(|b| b.queue == c.queue).cloned().unwrap_or_default();
+            serde_json::json!({
+                "queue": c.queue, "pending": c.pending, "in_flight": c.in_flight, "dead": c.dead,
+                "due": {"overdue": b.overdue, "next_minute": b.next_minute, "next_hour": b.next_hour,
+                        "next_day": b.next_day, "later": b.later},
+            })
+        })
+        .collect();
+    let orders: serde_json::Map<String, serde_json::Value> =
+        statuses.into_iter().map(|(status, n)| (status.as_str().to_owned(), n.into())).collect();
+    let node = serde_json::json!({
+        "id": st.engine.node_id(), "store": store, "trigger": s.trigger, "orders_backend": st.orders.backend_name(),
+        "store_healthy": s.store_healthy, "store_error": s.store_error, "store_errors": s.store_errors,
+        "trigger_healthy": s.trigger_healthy, "trigger_error": s.trigger_error,
+    });
+    Ok(Json(serde_json::json!({
+        "now": now,
+        "node": node,
+        "nodes": [node],
+        "engine": {
+            "scheduled": s.scheduled, "cancelled": s.cancelled, "fired": s.fired, "completed": s.completed,
+            "retried": s.retried, "dead_lettered": s.dead_lettered, "handler_failures": s.handler_failures,
+            "backstop_rescued": s.backstop_rescued, "stale_dropped": s.stale_dropped, "in_flight": s.in_flight,
+            "resident": s.resident, "published": s.published, "lease_releases": s.lease_releases,
+        },
+        "lateness": lateness_json(&s.lateness),
+        "recent_lateness": lateness_json(&s.recent_lateness),
+        "recent_window_secs": overdue::RECENT_WINDOW.as_secs(),
+        "queues": queues,
+        "due_exact": due.exact,
+        "orders": orders,
+    })))
+}
 
 async fn healthz(State(st): St) -> Response {
     let store = st.engine.store().capabilities().name;

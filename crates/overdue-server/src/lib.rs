@@ -48,6 +48,7 @@ use tokio::task::JoinHandle;
 
 mod api;
 pub mod callback;
+mod dashboard;
 mod error;
 mod extract;
 mod metrics_export;

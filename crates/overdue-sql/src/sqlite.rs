@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use overdue_core::{
-    Capabilities, Claimed, DeadLetter, DeadLetterQuery, Error, ListQuery, QueueCount, Result, Settlement,
+    Capabilities, Claimed, DeadLetter, DeadLetterQuery, DueHistogram, Error, ListQuery, QueueCount, Result, Settlement,
     Store, Timer, TimerRef, TimerSpec,
 };
 use tokio::sync::oneshot;
@@ -516,6 +516,10 @@ impl Store for SqliteStore {
 
     async fn counts(&self, now: i64) -> Result<Vec<QueueCount>> {
         self.inner.readers.read(move |conn| read::counts(conn, now)).await
+    }
+
+    async fn due_histogram(&self, now: i64) -> Result<DueHistogram> {
+        self.inner.readers.read(move |conn| read::due_histogram(conn, now)).await
     }
 
     async fn due_refs(

@@ -196,6 +196,7 @@ macro_rules! conformance_tests {
             unknown_queue_is_dead_lettered_with_a_clear_error,
             bad_input_is_rejected_and_changes_nothing,
             batch_is_atomic_and_listable,
+            due_histogram_buckets_unclaimed_timers,
             far_future_timers_wait_in_the_store,
             fire_now_fires_at_once,
             restart_recovers_every_timer,

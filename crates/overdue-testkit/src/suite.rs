@@ -361,6 +361,36 @@ pub async fn batch_is_atomic_and_listable(b: &dyn Backend) {
     assert_eq!((get(Q), get("other")), (Some(250), Some(1)), "{n}: {counts:?}");
 }
 
+/// `due_histogram` puts every unclaimed timer in exactly one bucket by its distance from `now`,
+/// per queue, and leaves claimed timers out.
+pub async fn due_histogram_buckets_unclaimed_timers(b: &dyn Backend) {
+    use overdue_core::DueBuckets;
+    let n = b.name();
+    let store = b.open().await.expect("open");
+    let at = |key: &str, due: i64| spec(key, T0 + due);
+    let g = store
+        .schedule(
+            vec![at("a", 30_000), at("b", 120_000), at("c", 7_200_000), at("d", 2 * 86_400_000), TimerSpec::new("other", "e", T0 + 10_000)],
+            T0,
+        )
+        .await
+        .expect("schedule");
+    let buckets = |queue: &str, v: [u64; 5]| DueBuckets {
+        queue: queue.into(), overdue: v[0], next_minute: v[1], next_hour: v[2], next_day: v[3], later: v[4],
+    };
+    let h = store.due_histogram(T0).await.expect("histogram");
+    assert_eq!(h.queues, [buckets("other", [0, 1, 0, 0, 0]), buckets(Q, [0, 1, 1, 1, 1])], "{n}");
+    assert!(h.exact, "{n}");
+    // 45 s on: a is overdue, b (75 s ahead) is within the hour.
+    let h = store.due_histogram(T0 + 45_000).await.expect("histogram");
+    assert_eq!(h.queues, [buckets("other", [1, 0, 0, 0, 0]), buckets(Q, [1, 0, 1, 1, 1])], "{n}");
+    // A claimed timer is in flight, not waiting: it leaves the histogram.
+    let e = TimerRef { queue: "other".into(), key: "e".into(), generation: g[4], due_at: T0 + 10_000 };
+    assert_eq!(store.claim(&[e], "node-a", T0 + 45_000, T0 + 3_600_000).await.expect("claim").len(), 1, "{n}");
+    let h = store.due_histogram(T0 + 45_000).await.expect("histogram");
+    assert_eq!(h.queues, [buckets(Q, [1, 0, 1, 1, 1])], "{n}: a queue with nothing waiting is left out");
+}
+
 /// Timers far beyond the in-memory horizon wait in the store and fire on time once it reaches
 /// them; a timer a century away is stored and not fired.
 pub async fn far_future_timers_wait_in_the_store(b: &dyn Backend) {

@@ -17,14 +17,14 @@
 use std::sync::Arc;
 
 pub use overdue_core::{
-    Capabilities, Claimed, Clock, DeadLetter, DeadLetterQuery, Error, Firing, Limits, ListQuery,
+    Capabilities, Claimed, Clock, DeadLetter, DeadLetterQuery, DueBuckets, DueHistogram, Error, Firing, Limits, ListQuery,
     ManualClock, Outcome, QueueCount, Result, Settlement, Store, SystemClock, Timer, TimerRef,
     TimerSpec, TimerState, limits, Delivery, DueSink, ExternalTrigger,
 };
 /// A URL without its password, for messages and logs.
 pub use overdue_core::shared::redact as redact_url;
 pub use overdue_engine::{
-    Engine, EngineBuilder, EngineConfig, EngineStats, Handler, LatenessSummary, QueueConfig,
+    Engine, EngineBuilder, EngineConfig, EngineStats, Handler, LatenessSummary, QueueConfig, RECENT_WINDOW,
     ShutdownReport, TriggerKind, queue_label,
 };
 

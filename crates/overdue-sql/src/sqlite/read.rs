@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use overdue_core::{
-    DeadLetter, DeadLetterQuery, Error, ListQuery, QueueCount, Result, Timer, TimerRef, TimerState,
+    DeadLetter, DeadLetterQuery, DueBuckets, DueHistogram, Error, ListQuery, QueueCount, Result, Timer, TimerRef, TimerState,
 };
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, Row, ToSql, params};
@@ -205,6 +205,28 @@ pub(crate) fn counts(conn: &mut Connection, now: i64) -> Result<Vec<QueueCount>>
     }
     tx.finish().store_err("counts")?;
     Ok(by_queue.into_values().collect())
+}
+
+/// One pass over `timers` (the same scan as [`counts`]) putting each unclaimed timer in its
+/// [`DueBuckets`] bucket.
+pub(crate) fn due_histogram(conn: &Connection, now: i64) -> Result<DueHistogram> {
+    let [minute, hour, day] = DueBuckets::EDGES_MS.map(|e| now.saturating_add(e));
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT queue, \
+             SUM(due_at <= ?1), SUM(due_at > ?1 AND due_at <= ?2), SUM(due_at > ?2 AND due_at <= ?3), \
+             SUM(due_at > ?3 AND due_at <= ?4), SUM(due_at > ?4) \
+             FROM timers WHERE lease_until IS NULL OR lease_until <= ?1 GROUP BY queue ORDER BY queue",
+        )
+        .store_err("due histogram")?;
+    let rows = stmt
+        .query_map(params![now, minute, hour, day], |r| {
+            let n = |i: usize| r.get::<_, i64>(i).map(|v| u64::try_from(v).unwrap_or(0));
+            Ok(DueBuckets { queue: r.get(0)?, overdue: n(1)?, next_minute: n(2)?, next_hour: n(3)?, next_day: n(4)?, later: n(5)? })
+        })
+        .store_err("due histogram")?;
+    let queues = rows.collect::<rusqlite::Result<Vec<_>>>().store_err("due histogram")?;
+    Ok(DueHistogram { queues, exact: true })
 }
 
 pub(crate) fn dead_letters(conn: &Connection, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>> {
