@@ -5,6 +5,14 @@
 //! schedules `count` timers due within `spread_ms`, and prints `ACK <key> <due_at>` after each
 //! schedule call returns, so the parent knows which timers were acknowledged before it kills us.
 //! With `--until-idle` it exits once no timer is left.
+//!
+//! With an external trigger (`--trigger amqp --trigger-url amqp://…?prefix=P`, see
+//! `tests/amqp_sigkill.rs`) the store has its outbox on and the broker does the waiting; the
+//! worker then also prints `STATS k=v …` every [`STATS_EVERY`] (and once more before `IDLE`): the
+//! engine's and, for amqp, the trigger's counters so far, so the parent sees how much came
+//! through the broker, how much the broker delivered again after a kill, and what the backstop
+//! fired. The in-process triggers print no `STATS` lines (`tests/crash_sigkill.rs` refuses
+//! lines it does not know).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -13,9 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use overdue::{Clock, Engine, EngineConfig, Firing, Outcome, QueueConfig, TimerSpec, TriggerKind};
+use overdue::{Clock, Engine, EngineConfig, ExternalTrigger, Firing, Outcome, QueueConfig, TimerSpec};
 use overdue_sql::{Durability, SqlResultExt, SqliteOptions, SqliteStore};
 use rand::Rng;
+
+use crate::trigger::TriggerChoice;
+
+/// How often a worker with an external trigger prints its `STATS` line.
+const STATS_EVERY: Duration = Duration::from_millis(100);
 
 /// Options of the hidden `crash-worker` subcommand.
 #[derive(Debug, Args)]
@@ -32,16 +45,64 @@ pub struct CrashArgs {
     /// Due times are spread over this many milliseconds from now.
     #[arg(long, default_value_t = 1_500)]
     spread_ms: i64,
-    /// Trigger to use.
+    /// Trigger to use: wheel, heap, scan, or an external one (amqp, keyspace) at --trigger-url.
     #[arg(long, default_value = "wheel")]
-    trigger: TriggerKind,
+    trigger: TriggerChoice,
+    /// Where an external trigger connects (default: its usual local address).
+    #[arg(long)]
+    trigger_url: Option<String>,
     /// Exit once no timer is pending.
     #[arg(long)]
     until_idle: bool,
 }
 
+/// The external trigger, and a way to read its own counters for the `STATS` line.
+struct External {
+    trigger: Arc<dyn ExternalTrigger>,
+    stats: Box<dyn Fn() -> String + Send + Sync>,
+}
+
+fn external(choice: TriggerChoice, url: &str) -> anyhow::Result<Option<External>> {
+    #[cfg(feature = "rabbitmq")]
+    if choice == TriggerChoice::Amqp {
+        let t = overdue::rabbitmq::AmqpTrigger::from_url(url)?;
+        let seen = t.clone();
+        let stats = move || {
+            let s = seen.stats();
+            format!(
+                "received={} broker_redelivered={} nacked={} early={} consumer_connections={}",
+                s.received, s.broker_redelivered, s.redelivered, s.early, s.consumer_connections
+            )
+        };
+        return Ok(Some(External { trigger: Arc::new(t), stats: Box::new(stats) }));
+    }
+    Ok(choice.external(url)?.map(|trigger| External { trigger, stats: Box::new(String::new) }))
+}
+
+fn stats_line(engine: &Engine, external: &External) -> String {
+    let s = engine.stats();
+    format!(
+        "STATS published={} fired={} completed={} stale_dropped={} backstop_rescued={} {}",
+        s.published,
+        s.fired,
+        s.completed,
+        s.stale_dropped,
+        s.backstop_rescued,
+        (external.stats)()
+    )
+}
+
+fn print_line(line: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
+}
+
 pub async fn run(args: CrashArgs) -> anyhow::Result<ExitCode> {
-    let store = SqliteStore::open(&args.db, SqliteOptions::with_durability(Durability::Full)).await?;
+    let url = args.trigger_url.clone().unwrap_or_else(|| args.trigger.default_url().to_owned());
+    let external = external(args.trigger, &url)?;
+    let options = SqliteOptions { outbox: external.is_some(), ..SqliteOptions::with_durability(Durability::Full) };
+    let store = SqliteStore::open(&args.db, options).await?;
     store
         .write(|ctx| {
             ctx.connection()
@@ -77,12 +138,25 @@ pub async fn run(args: CrashArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    let engine = Engine::builder(Arc::new(store))
-        .config(EngineConfig { trigger: args.trigger, ..EngineConfig::default() })
-        .handler("crash", QueueConfig::default(), handler)
-        .start()
-        .await?;
-    let mut out = std::io::stdout().lock();
+    let mut builder = Engine::builder(Arc::new(store))
+        .config(EngineConfig { trigger: args.trigger.kind(), ..EngineConfig::default() })
+        .handler("crash", QueueConfig::default(), handler);
+    if let Some(ext) = &external {
+        builder = builder.external_trigger(ext.trigger.clone());
+    }
+    let engine = Arc::new(builder.start().await?);
+    let external = external.map(Arc::new);
+    if let Some(ext) = external.clone() {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(STATS_EVERY).await;
+                if print_line(&stats_line(&engine, &ext)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let mut rng = rand::rng();
     let mut i = 0;
     while i < args.count {
@@ -93,19 +167,24 @@ pub async fn run(args: CrashArgs) -> anyhow::Result<ExitCode> {
             .collect();
         let acks: Vec<(String, i64)> = specs.iter().map(|s| (s.key.clone(), s.due_at)).collect();
         engine.schedule_batch(specs).await?;
-        for (key, due) in acks {
-            writeln!(out, "ACK {key} {due}")?;
+        {
+            let mut out = std::io::stdout().lock();
+            for (key, due) in acks {
+                writeln!(out, "ACK {key} {due}")?;
+            }
+            out.flush()?;
         }
-        out.flush()?;
         i += n;
     }
-    writeln!(out, "SCHEDULED")?;
-    out.flush()?;
+    print_line("SCHEDULED")?;
     loop {
         let left: u64 = engine.counts().await?.iter().map(|c| c.pending + c.in_flight).sum();
         if args.until_idle && left == 0 {
             engine.shutdown(Duration::from_secs(5)).await;
-            writeln!(out, "IDLE")?;
+            if let Some(ext) = &external {
+                print_line(&stats_line(&engine, ext))?;
+            }
+            print_line("IDLE")?;
             return Ok(ExitCode::SUCCESS);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

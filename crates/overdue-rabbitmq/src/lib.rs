@@ -339,6 +339,10 @@ pub struct AmqpStats {
     pub early: u64,
     /// Nacked with requeue after a `Redeliver` answer.
     pub redelivered: u64,
+    /// Of the messages received, those the broker marked `redelivered`: handed out before to a
+    /// consumer that did not settle them (a node killed or disconnected with them unacked, or
+    /// a nack with requeue above). The generation fence and the claim make them harmless.
+    pub broker_redelivered: u64,
     /// Messages whose body was not a notice (acked and dropped).
     pub malformed: u64,
     /// Times the consumer (re)connected.
@@ -353,6 +357,7 @@ struct Counters {
     received: AtomicU64,
     early: AtomicU64,
     redelivered: AtomicU64,
+    broker_redelivered: AtomicU64,
     malformed: AtomicU64,
     consumer_connections: AtomicU64,
     publisher_connections: AtomicU64,
@@ -460,6 +465,7 @@ impl AmqpTrigger {
             received: c.received.load(Relaxed),
             early: c.early.load(Relaxed),
             redelivered: c.redelivered.load(Relaxed),
+            broker_redelivered: c.broker_redelivered.load(Relaxed),
             malformed: c.malformed.load(Relaxed),
             consumer_connections: c.consumer_connections.load(Relaxed),
             publisher_connections: c.publisher_connections.load(Relaxed),
@@ -689,6 +695,8 @@ impl AmqpTrigger {
                         }
                     }
                     self.inner.counters.received.fetch_add(batch.len() as u64, Relaxed);
+                    let again = batch.iter().filter(|d| d.redelivered).count();
+                    self.inner.counters.broker_redelivered.fetch_add(again as u64, Relaxed);
                     let (this, sink) = (self.clone(), sink.clone());
                     deliveries.spawn(async move { this.deliver(sink, batch).await });
                     if let Some(why) = lost {
