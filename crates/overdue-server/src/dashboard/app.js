@@ -109,7 +109,8 @@ function ago(ms, now) {
   else if (a < 3600) s = `${Math.floor(a / 60)}m ${a % 60}s`;
   else if (a < 86400) s = `${Math.floor(a / 3600)}h ${Math.floor((a % 3600) / 60)}m`;
   else s = `${Math.floor(a / 86400)}d ${Math.floor((a % 86400) / 3600)}h`;
-  return d >= 0 ? `in ${s}` : `${s} ago`;
+  if (a === 0) return "now";
+  return d > 0 ? `in ${s}` : `${s} ago`;
 }
 
 function when(ms, now) {
@@ -379,7 +380,7 @@ async function listOrders(more) {
 async function showOrder(id) {
   shownOrder = id;
   const d = await api(`/v1/orders/${enc(id)}`);
-  const o = d.order;
+  const o = d; // the order, with its events and timers beside its fields
   $("#order-detail").hidden = false;
   $("#order-detail-id").textContent = o.id;
   $("#order-detail-status").textContent = o.status;
