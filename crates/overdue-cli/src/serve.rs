@@ -1,4 +1,11 @@
 //! `overdue serve`: the HTTP API with the order service on the embedded store.
+//!
+//! `--trigger amqp --trigger-url amqp://…` (or `--backend amqp://…`, which means the default
+//! SQLite store plus that broker, as in `bench`) lets RabbitMQ do the waiting: the SQLite store
+//! gets its outbox, an order's timers and their notices commit in the order's transaction, the
+//! engine's relay publishes them with publisher confirms and fires what the broker delivers
+//! back (see `docs/rabbitmq.md`). A bad trigger name or URL, or a broker that cannot be reached,
+//! stops `serve` before it listens, with the reason.
 
 use std::net::SocketAddr;
 
@@ -13,8 +20,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use overdue::TriggerKind;
 use overdue_server::{App, AppConfig};
+
+use crate::trigger::TriggerChoice;
 
 /// Options of `overdue serve`; every flag can also be set by its `OVERDUE_*` variable.
 #[derive(Debug, Args)]
@@ -22,7 +30,8 @@ pub struct ServeArgs {
     /// Address to listen on. A non-loopback address requires --token.
     #[arg(long, env = "OVERDUE_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Store URL.
+    /// Store URL. A broker URL (`amqp://…?mode=dlx`) means the default SQLite store (with its
+    /// outbox) plus that broker as the trigger, like --trigger amqp --trigger-url URL.
     #[arg(long, env = "OVERDUE_BACKEND", default_value = overdue::DEFAULT_STORE_URL)]
     backend: String,
     /// With a redis:// backend, where the orders live (sqlite:PATH); default
@@ -30,9 +39,16 @@ pub struct ServeArgs {
     /// outbox table written in each order's transaction.
     #[arg(long, env = "OVERDUE_ORDERS")]
     orders: Option<String>,
-    /// Trigger: wheel, heap or scan.
+    /// Trigger: wheel, heap, scan (in-process), amqp (RabbitMQ at --trigger-url) or keyspace
+    /// (Redis key-expiry events at --trigger-url); an external trigger needs a sqlite: backend,
+    /// whose outbox is then turned on.
     #[arg(long, env = "OVERDUE_TRIGGER", default_value = "wheel")]
-    trigger: TriggerKind,
+    trigger: TriggerChoice,
+    /// Where an external trigger connects (amqp: an amqp:// URL, default
+    /// amqp://guest:guest@127.0.0.1:5672/%2f?mode=dlx, exchanges and queues named after its
+    /// `prefix=`, default `overdue`; keyspace: a redis:// URL, default redis://127.0.0.1:6379).
+    #[arg(long, env = "OVERDUE_TRIGGER_URL")]
+    trigger_url: Option<String>,
     /// Bearer token required on every API call (except /healthz and /openapi.json).
     #[arg(long, env = "OVERDUE_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -64,11 +80,32 @@ pub async fn run(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     args.token = args.token.filter(|t| !t.is_empty());
     args.callback_secret = args.callback_secret.filter(|t| !t.is_empty());
     args.webhook_url = args.webhook_url.filter(|t| !t.is_empty());
+    args.trigger_url = args.trigger_url.filter(|t| !t.is_empty());
     overdue_server::check_bind(args.listen, args.token.as_deref())?;
+    // A broker URL as the backend: the default SQLite store and that trigger.
+    if let Some(t) = TriggerChoice::for_backend_url(&args.backend) {
+        if args.trigger_url.is_some() {
+            anyhow::bail!("--backend {} names the trigger's broker already; drop --trigger-url", overdue::redact_url(&args.backend));
+        }
+        args.trigger = t;
+        args.trigger_url = Some(std::mem::replace(&mut args.backend, overdue::DEFAULT_STORE_URL.to_owned()));
+    }
+    if !args.trigger.is_external() && args.trigger_url.is_some() {
+        anyhow::bail!("--trigger-url is for an external trigger (amqp, keyspace); --trigger {} runs in the process", args.trigger);
+    }
+    let trigger_url = args.trigger_url.clone().unwrap_or_else(|| args.trigger.default_url().to_owned());
+    // Fails here, before anything is opened, on a URL the trigger cannot use.
+    let external = args.trigger.external(&trigger_url).with_context(|| format!("--trigger {}", args.trigger))?;
+    let trigger_text = if args.trigger.is_external() {
+        format!("{} at {}", args.trigger, overdue::redact_url(&trigger_url))
+    } else {
+        args.trigger.to_string()
+    };
     let mut cfg = AppConfig {
         backend_url: args.backend.clone(),
         orders_url: args.orders.clone().filter(|o| !o.is_empty()),
-        trigger: args.trigger,
+        trigger: args.trigger.kind(),
+        external_trigger: external,
         token: args.token,
         callback_secret: args.callback_secret,
         webhook_url: args.webhook_url,
@@ -79,11 +116,13 @@ pub async fn run(mut args: ServeArgs) -> anyhow::Result<ExitCode> {
     cfg.order.remind_before = Duration::from_secs(args.remind_before_secs);
     cfg.order.auto_confirm_after = Duration::from_secs(args.auto_confirm_secs);
     cfg.order.refund_auto_approve_after = Duration::from_secs(args.refund_auto_approve_secs);
-    let app = App::start(cfg).await.with_context(|| format!("starting on {}", overdue::redact_url(&args.backend)))?;
+    let app = App::start(cfg)
+        .await
+        .with_context(|| format!("starting on {} (trigger {trigger_text})", overdue::redact_url(&args.backend)))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    eprintln!("overdue serving on http://{} (backend {}, trigger {})", args.listen, overdue::redact_url(&args.backend), args.trigger);
+    eprintln!("overdue serving on http://{} (backend {}, trigger {trigger_text})", args.listen, overdue::redact_url(&args.backend));
     let shutdown = async {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]

@@ -39,7 +39,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use overdue::{Clock, Engine, EngineConfig, Limits, QueueConfig, ShutdownReport, Store, SystemClock, TriggerKind};
+use overdue::{Clock, Engine, EngineConfig, ExternalTrigger, Limits, QueueConfig, ShutdownReport, Store, SystemClock, TriggerKind};
 use overdue_orders::{OrderBackend, OrderConfig, OrderError, OrderService};
 use overdue_sql::SqliteStore;
 use parking_lot::Mutex;
@@ -110,8 +110,15 @@ pub struct AppConfig {
     /// Where the orders live when the timers are in Redis: a `sqlite:PATH` URL (default
     /// [`DEFAULT_ORDERS_URL`]). Refused with a SQL backend (there the orders go beside the timers).
     pub orders_url: Option<String>,
-    /// What wakes the engine: wheel (default), heap or scan.
+    /// What wakes the engine: wheel (default), heap or scan. Unused with
+    /// [`AppConfig::external_trigger`].
     pub trigger: TriggerKind,
+    /// A trigger outside the process (RabbitMQ, Redis key expiry) that does the waiting instead
+    /// of `trigger`, with the store as the source of truth (see `overdue_core::trigger`). Needs
+    /// a `sqlite:` backend: its outbox is turned on (`outbox=true` unless the URL sets it), so an
+    /// order's timers and their notices commit in the order's transaction and the engine's relay
+    /// publishes them. Other backends are refused. Default: none.
+    pub external_trigger: Option<Arc<dyn ExternalTrigger>>,
     /// Order timeouts.
     pub order: OrderConfig,
     /// Bearer token every route except `/healthz` and `/openapi.json` requires, if set.
@@ -142,6 +149,7 @@ impl Default for AppConfig {
             backend_url: DEFAULT_BACKEND_URL.to_owned(),
             orders_url: None,
             trigger: TriggerKind::default(),
+            external_trigger: None,
             order: OrderConfig::default(),
             token: None,
             callback_secret: None,
@@ -280,14 +288,39 @@ impl App {
     pub async fn start(cfg: AppConfig) -> Result<App> {
         cfg.validate()?;
         metrics_export::install();
-        let (backend, store) = open_backend(&cfg.backend_url, cfg.orders_url.as_deref()).await?;
+        // An external trigger publishes from the store's outbox: only the SQLite store has one,
+        // and it is written in the same transaction as the order and its timers.
+        let backend_url = match &cfg.external_trigger {
+            None => cfg.backend_url.clone(),
+            Some(t) if cfg.backend_url.starts_with("sqlite:") => {
+                if cfg.backend_url.contains("outbox=") {
+                    cfg.backend_url.clone()
+                } else {
+                    let sep = if cfg.backend_url.contains('?') { '&' } else { '?' };
+                    tracing::debug!(trigger = t.name(), "turning the sqlite store's outbox on for the external trigger");
+                    format!("{}{sep}outbox=true", cfg.backend_url)
+                }
+            }
+            Some(t) => {
+                return Err(ServerError::Config(format!(
+                    "the {} trigger needs the timers in the embedded SQLite store (sqlite:PATH, whose outbox it \
+                     publishes from); backend {} has no outbox",
+                    t.name(),
+                    overdue::redact_url(&cfg.backend_url)
+                )));
+            }
+        };
+        let (backend, store) = open_backend(&backend_url, cfg.orders_url.as_deref()).await?;
         let orders = OrderService::open(backend, cfg.clock.clone(), cfg.order.clone()).await?;
         let delivery = Arc::new(callback::Delivery::new(cfg.callback_secret.clone(), cfg.callback_timeout, cfg.clock.clone())?);
         let limits = Limits::with_max_payload(cfg.body_limit.max(overdue::limits::DEFAULT_MAX_PAYLOAD))?;
-        let builder = Engine::builder(store)
+        let mut builder = Engine::builder(store)
             .clock(cfg.clock.clone())
             .config(EngineConfig { trigger: cfg.trigger, ..EngineConfig::default() })
             .limits(limits);
+        if let Some(t) = &cfg.external_trigger {
+            builder = builder.external_trigger(t.clone());
+        }
         let builder = orders
             .register_handlers(builder)
             .fallback_handler(cfg.callback_queue.clone(), callback::CallbackHandler::new(delivery.clone()));
@@ -306,7 +339,7 @@ impl App {
         });
         let (stop_relay, stop_rx) = watch::channel(false);
         let relay = tokio::spawn(outbox::run(state.clone(), cfg.outbox_interval, stop_rx));
-        tracing::info!(backend = %cfg.backend_url, trigger = %cfg.trigger, auth = cfg.token.is_some(),
+        tracing::info!(backend = %cfg.backend_url, trigger = %engine.stats().trigger, auth = cfg.token.is_some(),
             signed = cfg.callback_secret.is_some(), webhook = cfg.webhook_url.as_deref().unwrap_or("<log>"), "overdue app started");
         Ok(App { engine, orders, state, relay: Mutex::new(Some(relay)), stop_relay, shutdown_grace: cfg.shutdown_grace })
     }
