@@ -6,7 +6,14 @@
 //! (`timeout_secs`), so every unpaid order's close timer fires during the run. Reported: orders/s
 //! created and paid, close lateness p50/p99/max (from each closed order's `closed` event against
 //! its deadline), and the server's peak RSS.
+//!
+//! With `--plot DIR` the report is also written to `DIR/orders.json`, beside two SVG plots
+//! (see [`crate::plot`]): `orders-lateness.svg`, the distribution of close lateness, and
+//! `orders-throughput.svg`, orders created, paid and closed per second over the run. Created
+//! and paid come from the counters the clients keep anyway, closed from each closed order's
+//! timestamp after the run; nothing is added to the load path.
 
+use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +66,11 @@ pub struct OrdersBenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write the report (orders.json) and SVG plots of close lateness and orders per
+    /// second over time (orders-lateness.svg, orders-throughput.svg) into this directory,
+    /// created if missing.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
 }
 
 /// Which HTTP client drives the load.
@@ -117,12 +129,14 @@ pub async fn run(args: OrdersBenchArgs) -> anyhow::Result<ExitCode> {
     if args.clients == 0 || args.seconds == 0 || !(0.0..=1.0).contains(&args.pay_ratio) || args.timeout_secs == 0 {
         bail!("--clients, --seconds and --timeout-secs must be positive and --pay-ratio within 0..=1");
     }
+    // Before any work: a --plot directory that cannot be written fails the run now.
+    let plots = args.plot.as_deref().map(crate::plot::PlotDir::create).transpose()?;
     let tmp = tempfile::tempdir().context("creating a temporary directory")?;
     let place = match &args.backend {
         None => Place::Sqlite(format!("sqlite:{}?durability={}", tmp.path().join("orders.db").display(), args.durability)),
         Some(url) => Place::fresh(url, tmp.path(), &args.durability).await?,
     };
-    let result = bench(&args, &place).await;
+    let result = bench(&args, &place, plots.as_ref()).await;
     place.drop_fresh().await;
     result
 }
@@ -266,7 +280,7 @@ async fn mysql_admin(server: &str, statement: &str) -> anyhow::Result<()> {
     }
 }
 
-async fn bench(args: &OrdersBenchArgs, place: &Place) -> anyhow::Result<ExitCode> {
+async fn bench(args: &OrdersBenchArgs, place: &Place, plots: Option<&crate::plot::PlotDir>) -> anyhow::Result<ExitCode> {
     let port = free_port()?;
     let base = format!("http://127.0.0.1:{port}");
     let exe = std::env::current_exe().context("locating the overdue binary")?;
@@ -314,6 +328,19 @@ async fn bench(args: &OrdersBenchArgs, place: &Place) -> anyhow::Result<ExitCode
     let server_cpu_before = cpu_secs(&format!("/proc/{pid}/stat"));
     let server_threads_before = thread_cpu(pid);
     let self_cpu_before = cpu_secs("/proc/self/stat");
+    let sampler = match plots {
+        Some(_) => {
+            let (c, p) = (created.clone(), paid.clone());
+            Some(crate::plot::Sampler::start(&["created /s", "paid /s"], move || vec![c.load(Ordering::Relaxed), p.load(Ordering::Relaxed)])?)
+        }
+        None => None,
+    };
+    let mark = |label: &str| {
+        if let Some(s) = &sampler {
+            s.mark(label);
+        }
+    };
+    mark("clients start");
     let started = Instant::now();
     let stop_at = started + Duration::from_secs(args.seconds);
     match args.loadgen {
@@ -321,6 +348,7 @@ async fn bench(args: &OrdersBenchArgs, place: &Place) -> anyhow::Result<ExitCode
         LoadGen::Reqwest => reqwest_load(&http, &base, args.clients, args.pay_ratio, stop_at, counters).await,
     }
     let load_secs = started.elapsed().as_secs_f64();
+    mark("clients stop");
     let loadgen_cpu = cpu_secs("/proc/self/stat") - self_cpu_before;
     let server_cpu_load = cpu_secs(&format!("/proc/{pid}/stat")) - server_cpu_before;
     // Wait for the last deadlines, then for no order to be pending.
@@ -334,6 +362,8 @@ async fn bench(args: &OrdersBenchArgs, place: &Place) -> anyhow::Result<ExitCode
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    mark("none pending");
+    let timeline = sampler.map(crate::plot::Sampler::finish);
     // Everything the server spent on this run's orders: requests, timers and their writes.
     let server_cpu = cpu_secs(&format!("/proc/{pid}/stat")) - server_cpu_before;
     let mut server_threads: Vec<(String, f64)> = thread_cpu(pid)
@@ -349,6 +379,7 @@ async fn bench(args: &OrdersBenchArgs, place: &Place) -> anyhow::Result<ExitCode
     // A closed order never changes again, so its `updated_at` is the `at` of its `closed` event
     // (both are the closing write's "now"); the first pages are checked against the events.
     let mut lateness = Histogram::<u64>::new_with_max(3_600_000, 3)?;
+    let mut closed_at = Vec::new();
     let (mut early, mut mismatched, mut checked) = (0u64, 0u64, 0u32);
     let mut before: Option<String> = None;
     loop {
@@ -374,6 +405,7 @@ async fn bench(args: &OrdersBenchArgs, place: &Place) -> anyhow::Result<ExitCode
             if at < deadline {
                 early += 1;
             }
+            closed_at.push(at);
             lateness.saturating_record((at - deadline).max(0) as u64);
         }
         match page.get("next_before").and_then(Value::as_str) {
@@ -446,6 +478,17 @@ async fn bench(args: &OrdersBenchArgs, place: &Place) -> anyhow::Result<ExitCode
         );
         let threads: Vec<String> = r.server_threads.iter().take(6).map(|(n, s)| format!("{n} {s:.2}")).collect();
         println!("{:<36} {}", "server CPU s by thread", threads.join(", "));
+    }
+    if let (Some(plots), Some(mut timeline)) = (plots, timeline) {
+        let closed = crate::plot::event_rate("closed /s", &closed_at, &timeline);
+        timeline.rates.push(closed);
+        let title = format!("overdue bench orders: {} clients, {} s timeout ({}, trigger {})", r.clients, args.timeout_secs, r.backend, r.trigger);
+        let written = [
+            plots.json("orders.json", &r)?,
+            plots.lateness("orders-lateness.svg", &format!("overdue bench orders: close lateness ({}, trigger {})", r.backend, r.trigger), &[crate::plot::Lateness { name: "closed on timeout", hist: &lateness }])?,
+            plots.throughput("orders-throughput.svg", &title, "orders per second", &timeline)?,
+        ];
+        eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
     }
     if still_pending || early > 0 || mismatched > 0 {
         eprintln!(

@@ -7,6 +7,7 @@ mod crash_worker;
 mod demo;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod node_worker;
+mod plot;
 mod serve;
 mod trigger;
 mod util;
