@@ -215,10 +215,10 @@ pub fn event_rate(name: &str, times_ms: &[i64], timeline: &Timeline) -> Rate {
     let mut counts = vec![0u64; buckets];
     for t in times_ms {
         let offset = t - timeline.started_ms;
-        if offset >= 0 {
-            if let Some(c) = counts.get_mut((offset / width_ms) as usize) {
-                *c += 1;
-            }
+        if offset >= 0
+            && let Some(c) = counts.get_mut((offset / width_ms) as usize)
+        {
+            *c += 1;
         }
     }
     let width = SAMPLE_EVERY.as_secs_f64();
