@@ -358,9 +358,10 @@ fn throughput_svg(title: &str, y_desc: &str, timeline: &Timeline) -> DrawResult<
             chart.draw_series(DashedLineSeries::new([(m.at_secs, 0.0), (m.at_secs, y_end)], 6, 4, mark_style))?;
             // Staggered in two rows, so labels of phases a moment apart stay readable.
             let dy = 4 + (i % 2) as i32 * (MARK_PT as i32 + 4);
-            chart.draw_series(std::iter::once(
-                EmptyElement::at((m.at_secs, y_end)) + Text::new(m.label.clone(), (4, dy), (FONT, MARK_PT).into_font().color(&BLACK.mix(0.7))),
-            ))?;
+            // Near the right edge the label goes left of its line, so it is not cut off.
+            let (hpos, dx) = if m.at_secs > 0.85 * x_end { (HPos::Right, -4) } else { (HPos::Left, 4) };
+            let style = (FONT, MARK_PT).into_font().color(&BLACK.mix(0.7)).pos(Pos::new(hpos, VPos::Top));
+            chart.draw_series(std::iter::once(EmptyElement::at((m.at_secs, y_end)) + Text::new(m.label.clone(), (dx, dy), style)))?;
         }
         for (i, r) in timeline.rates.iter().enumerate() {
             let colour = COLOURS[i % COLOURS.len()];
