@@ -28,7 +28,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use limits::Limits;
 pub use model::{
-    Claimed, DeadLetter, DeadLetterQuery, DueBuckets, DueHistogram, Firing, ListQuery, Outcome, QueueCount, Settlement,
+    Claimed, DeadLetter, DeadLetterQuery, DueBuckets, DueHistogram, NodeLease, Firing, ListQuery, Outcome, QueueCount, Settlement,
     Timer, TimerRef, TimerSpec, TimerState,
 };
 pub use store::{Capabilities, Store};

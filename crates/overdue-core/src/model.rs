@@ -252,6 +252,24 @@ impl DueHistogram {
     pub const SCAN_CAP: usize = 100_000;
 }
 
+/// A node as a store that splits work between nodes sees it ([`crate::Store::nodes`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeLease {
+    /// The node's id (`Engine::node_id`), as written into its leases and claims.
+    pub id: String,
+    /// Partitions it holds (leases not expired).
+    pub partitions: u64,
+    /// When its latest partition lease ends (ms since the epoch, the database's clock); 0 when
+    /// it holds none.
+    pub lease_until: i64,
+    /// Its last heartbeat (ms since the epoch, the database's clock).
+    pub heartbeat_at: i64,
+    /// It heartbeated within one partition lease: it is running and renewing.
+    pub alive: bool,
+    /// It is the node asking.
+    pub this: bool,
+}
+
 /// Per-queue counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueCount {

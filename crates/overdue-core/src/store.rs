@@ -33,7 +33,7 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::model::{
-    Claimed, DeadLetter, DeadLetterQuery, DueBuckets, DueHistogram, ListQuery, QueueCount,
+    Claimed, DeadLetter, DeadLetterQuery, DueBuckets, DueHistogram, ListQuery, NodeLease, QueueCount,
     Settlement, Timer, TimerRef, TimerSpec, TimerState,
 };
 
@@ -116,6 +116,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
             .map(|(queue, b)| DueBuckets { queue, ..b })
             .collect();
         Ok(DueHistogram { queues, exact })
+    }
+
+    /// The nodes sharing this store, for stores that split the work by leases (the SQL stores'
+    /// partition leases), sorted by id; empty for a store that does not know its nodes.
+    async fn nodes(&self, now: i64) -> Result<Vec<NodeLease>> {
+        let _ = now;
+        Ok(Vec::new())
     }
 
     /// References (no payloads) to timers with `due_at <= until`, in `(due_at, queue, key)`

@@ -405,6 +405,11 @@ impl Engine {
         self.shared.store.due_histogram(self.shared.clock.now_ms()).await
     }
 
+    /// The nodes sharing the store, as far as it knows them (see [`Store::nodes`]).
+    pub async fn nodes(&self) -> Result<Vec<overdue_core::NodeLease>> {
+        self.shared.store.nodes(self.shared.clock.now_ms()).await
+    }
+
     /// Dead letters in id order.
     pub async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>> {
         if let Some(q) = &query.queue {

@@ -75,7 +75,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use overdue_core::{
-    Capabilities, Claimed, DeadLetter, DeadLetterQuery, Error, ListQuery, QueueCount, Result,
+    Capabilities, Claimed, DeadLetter, DeadLetterQuery, Error, ListQuery, NodeLease, QueueCount, Result,
     Settlement, Store, Timer, TimerRef, TimerSpec, TimerState,
 };
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPoolOptions, MySqlRow};
@@ -1101,6 +1101,36 @@ impl Store for MysqlStore {
             .map_err(my_err);
         let found = self.track(r)?;
         rows(found, |r| timer_from_row(r, now))
+    }
+
+    async fn nodes(&self, _now: i64) -> Result<Vec<NodeLease>> {
+        // The database's clock, as the leases and heartbeats are written with it.
+        let lease_ms = self.inner.ownership.lease.as_millis() as i64;
+        let now = partitions::DB_NOW_MS;
+        let r = sqlx::query(&format!(
+            "SELECT n.node, CAST(COUNT(p.part) AS SIGNED), CAST(COALESCE(MAX(p.lease_until), 0) AS SIGNED), n.heartbeat_at, \
+             CAST(CASE WHEN n.heartbeat_at > {now} - ? THEN 1 ELSE 0 END AS SIGNED) \
+             FROM overdue_nodes n LEFT JOIN overdue_partitions p ON p.owner = n.node AND p.lease_until > {now} \
+             GROUP BY n.node, n.heartbeat_at ORDER BY n.node"
+        ))
+            .bind(lease_ms)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(my_err);
+        let rows = self.track(r)?;
+        rows.iter()
+            .map(|r| {
+                let id: String = text(r, 0).map_err(my_err)?;
+                Ok(NodeLease {
+                    this: id == self.inner.ownership.node,
+                    id,
+                    partitions: r.try_get::<i64, _>(1).map_err(my_err)? as u64,
+                    lease_until: r.try_get(2).map_err(my_err)?,
+                    heartbeat_at: r.try_get(3).map_err(my_err)?,
+                    alive: r.try_get::<i64, _>(4).map_err(my_err)? == 1,
+                })
+            })
+            .collect()
     }
 
     async fn counts(&self, now: i64) -> Result<Vec<QueueCount>> {

@@ -681,8 +681,9 @@ fn lateness_json(l: &overdue::LatenessSummary) -> serde_json::Value {
 /// histogram, and orders by status.
 async fn overview(State(st): St) -> ApiResult<Json<serde_json::Value>> {
     let now = st.clock.now_ms();
-    let (counts, due, statuses) = tokio::join!(st.engine.counts(), st.engine.due_histogram(), st.orders.status_counts());
-    let (counts, due, statuses) = (counts?, due?, statuses?);
+    let (counts, due, statuses, leases) =
+        tokio::join!(st.engine.counts(), st.engine.due_histogram(), st.orders.status_counts(), st.engine.nodes());
+    let (counts, due, statuses, leases) = (counts?, due?, statuses?, leases?);
     let s = st.engine.stats();
     let store = st.engine.store().capabilities().name;
     let queues: Vec<serde_json::Value> = counts
@@ -703,10 +704,27 @@ async fn overview(State(st): St) -> ApiResult<Json<serde_json::Value>> {
         "store_healthy": s.store_healthy, "store_error": s.store_error, "store_errors": s.store_errors,
         "trigger_healthy": s.trigger_healthy, "trigger_error": s.trigger_error,
     });
+    // Every node the store knows (SQL stores: partition lease holders); without such a store,
+    // just this one.
+    let nodes: Vec<serde_json::Value> = if leases.is_empty() {
+        vec![serde_json::json!({
+            "id": st.engine.node_id(), "this": true, "alive": true, "partitions": null, "lease_until": null, "heartbeat_at": null,
+        })]
+    } else {
+        leases
+            .iter()
+            .map(|n| {
+                serde_json::json!({
+                    "id": n.id, "this": n.this, "alive": n.alive, "partitions": n.partitions,
+                    "lease_until": n.lease_until, "heartbeat_at": n.heartbeat_at,
+                })
+            })
+            .collect()
+    };
     Ok(Json(serde_json::json!({
         "now": now,
         "node": node,
-        "nodes": [node],
+        "nodes": nodes,
         "engine": {
             "scheduled": s.scheduled, "cancelled": s.cancelled, "fired": s.fired, "completed": s.completed,
             "retried": s.retried, "dead_lettered": s.dead_lettered, "handler_failures": s.handler_failures,

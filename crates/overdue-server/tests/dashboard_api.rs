@@ -118,3 +118,30 @@ async fn the_dashboard_is_served_without_a_token_and_its_data_is_not() {
     assert_eq!(s.get("/v1/overview").await.0, 200, "with the token");
     s.stop().await;
 }
+
+/// On PostgreSQL (partition leases) the overview lists the nodes holding partitions, this one
+/// among them, alive; on SQLite just this node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overview_lists_the_nodes_the_store_knows() {
+    let s = TestServer::start().await;
+    let o = overview(&s).await;
+    assert_eq!(
+        o["nodes"],
+        json!([{"id": o["node"]["id"], "this": true, "alive": true, "partitions": null, "lease_until": null, "heartbeat_at": null}]),
+        "{o}"
+    );
+    s.stop().await;
+
+    for db in [common::Db::Postgres, common::Db::Mysql] {
+        let Some(s) = TestServer::start_on(db).await else { continue };
+        let o = overview(&s).await;
+        let nodes = o["nodes"].as_array().expect("nodes");
+        assert_eq!(nodes.len(), 1, "{db:?}: one node on a fresh database: {o}");
+        let me = &nodes[0];
+        assert_eq!((me["this"].clone(), me["alive"].clone()), (json!(true), json!(true)), "{db:?}: {o}");
+        // Leases and heartbeats are on the database's clock, not the test's manual one.
+        assert!(me["partitions"].as_u64().is_some_and(|p| p > 0), "{db:?}: {o}");
+        assert!(me["lease_until"].as_i64() > me["heartbeat_at"].as_i64(), "{db:?}: {o}");
+        s.stop().await;
+    }
+}

@@ -195,6 +195,7 @@ async fn the_dashboard_shows_what_the_api_says_and_its_actions_work() {
     shows(&c, "#queues tr[data-queue='order.close'] td[data-col='next_hour']", 2).await;
     shows(&c, "#queues tr[data-queue='mail'] td[data-col='next_hour']", 1).await;
     shows(&c, "#due-chart rect[data-bucket='next_hour']", 5).await;
+    eventually(&c, "this node, alive", &count_rows("#nodes tbody tr[data-alive='true']"), |v| v == &json!(1)).await;
     eventually(&c, "the upcoming list", &count_rows("#upcoming tbody tr[data-key]"), |v| v == &json!(5)).await;
     shot(&c, &shots, "overview").await;
 

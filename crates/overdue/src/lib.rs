@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 pub use overdue_core::{
-    Capabilities, Claimed, Clock, DeadLetter, DeadLetterQuery, DueBuckets, DueHistogram, Error, Firing, Limits, ListQuery,
+    Capabilities, Claimed, Clock, DeadLetter, DeadLetterQuery, DueBuckets, DueHistogram, NodeLease, Error, Firing, Limits, ListQuery,
     ManualClock, Outcome, QueueCount, Result, Settlement, Store, SystemClock, Timer, TimerRef,
     TimerSpec, TimerState, limits, Delivery, DueSink, ExternalTrigger,
 };

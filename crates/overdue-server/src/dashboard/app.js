@@ -242,6 +242,14 @@ function renderOverview(o) {
   drawSpark("#spark-rate", h.rate, "#spark-rate-max");
   drawSpark("#spark-p99", h.p99, "#spark-p99-max");
 
+  const nodes = o.nodes.map((n) =>
+    el("tr", { dataset: { node: n.id, alive: String(n.alive) } },
+      el("td", {}, n.id, n.this ? el("span", { class: "badge" }, "this node") : ""),
+      el("td", { class: n.alive ? "ok" : "err" }, n.alive ? "alive" : "lease expired"),
+      el("td", { class: "num" }, n.partitions === null ? "all (store not partitioned)" : n.partitions),
+      el("td", {}, n.lease_until === null ? "—" : when(n.lease_until, o.now))));
+  $("#nodes tbody").replaceChildren(...nodes);
+
   drawDue(o.queues);
   $("#due-inexact").hidden = o.due_exact;
   const rows = o.queues.map((q) =>
