@@ -33,20 +33,22 @@
 //! `OVERDUE_AMQP_CRASH_SEED=<seed> cargo test -p overdue-cli --test amqp_sigkill -- --nocapture`.
 #![cfg(all(unix, feature = "rabbitmq"))]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::ops::RangeInclusive;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tempfile::TempDir;
+use common::{broker_reachable, forward_complete_lines, fresh_trigger_url, server_url};
 
 /// Environment variable that fixes the RNG seed, to replay a failing run.
 const SEED_ENV: &str = "OVERDUE_AMQP_CRASH_SEED";
@@ -70,41 +72,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(40);
 /// At most this share of the effects may come from the backstop sweep: the broker must carry
 /// the load, not the store's safety net.
 const MAX_BACKSTOP_SHARE: f64 = 0.1;
-
-fn server_url() -> String {
-    std::env::var("OVERDUE_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
-
-/// `host:port` of an `amqp://` URL.
-fn address(url: &str) -> String {
-    let authority = url.trim_start_matches("amqp://").split(['/', '?']).next().unwrap_or("127.0.0.1:5672");
-    let host = authority.rsplit('@').next().unwrap_or(authority);
-    if host.contains(':') { host.to_owned() } else { format!("{host}:5672") }
-}
-
-/// True when the broker answers; under `CI` an unreachable broker panics, elsewhere the test is
-/// skipped.
-fn broker_reachable(url: &str) -> bool {
-    let addr = address(url);
-    let ok = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)).is_ok());
-    if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI is set but the RabbitMQ broker at {addr} cannot be reached");
-        }
-        eprintln!("skipped: no RabbitMQ at {addr}; set CI to make this a failure");
-    }
-    ok
-}
-
-/// The trigger URL of this test: the broker, `mode=dlx`, a fresh prefix.
-fn fresh_trigger_url(base: &str) -> String {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-    let sep = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{sep}mode=dlx&prefix=ot-{ms}-{:08x}", rand::random::<u32>())
-}
 
 /// Deletes the prefix's exchanges and queues when the test ends, pass or fail.
 struct PurgeOnDrop {
@@ -178,24 +145,6 @@ fn spawn_worker(db: &Path, stderr: &Path, trigger_url: &str, prefix: &str, count
     let (tx, lines) = mpsc::channel();
     let reader = thread::spawn(move || forward_complete_lines(stdout, &tx));
     Worker { child, lines, reader }
-}
-
-/// Sends each newline-terminated line of `stdout`; a line cut short by SIGKILL is dropped.
-fn forward_complete_lines(stdout: ChildStdout, tx: &mpsc::Sender<String>) {
-    let mut reader = BufReader::new(stdout);
-    let mut buf = String::new();
-    loop {
-        buf.clear();
-        match reader.read_line(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let Some(line) = buf.strip_suffix('\n') else { return };
-                if tx.send(line.to_owned()).is_err() {
-                    return;
-                }
-            }
-        }
-    }
 }
 
 /// A line of the worker, parsed.

@@ -27,13 +27,14 @@
 //! `OVERDUE_CRASH_SEED=<seed> cargo test -p overdue-cli --test crash_sigkill -- --nocapture`.
 #![cfg(unix)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::ops::RangeInclusive;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -41,6 +42,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tempfile::TempDir;
+use common::forward_complete_lines;
 
 /// Environment variable that fixes the RNG seed, to replay a failing run.
 const SEED_ENV: &str = "OVERDUE_CRASH_SEED";
@@ -106,26 +108,6 @@ fn spawn_worker(db: &Path, stderr: &Path, prefix: &str, count: u64, trigger: &st
     let (tx, lines) = mpsc::channel();
     let reader = thread::spawn(move || forward_complete_lines(stdout, &tx));
     Worker { child, lines, reader }
-}
-
-/// Sends each newline-terminated line of `stdout` (without the newline). A line cut short by
-/// SIGKILL has no newline and is dropped: a truncated `ACK k 17000` would name a wrong due time,
-/// and dropping it only makes the acknowledged set smaller, never wrong.
-fn forward_complete_lines(stdout: ChildStdout, tx: &mpsc::Sender<String>) {
-    let mut reader = BufReader::new(stdout);
-    let mut buf = String::new();
-    loop {
-        buf.clear();
-        match reader.read_line(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let Some(line) = buf.strip_suffix('\n') else { return };
-                if tx.send(line.to_owned()).is_err() {
-                    return;
-                }
-            }
-        }
-    }
 }
 
 /// `ACK <key> <due_at>` → `(key, due_at)`; `None` for the other lines the worker prints.

@@ -21,6 +21,8 @@
 //! end, pass or fail.
 #![cfg(all(unix, feature = "rabbitmq"))]
 
+mod common;
+
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,6 +31,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
+use common::{broker_reachable, fresh_trigger_url, server_url};
 
 /// `--pay-timeout-secs` of the server (orders below set their own, shorter timeout).
 const PAY_TIMEOUT_SECS: u64 = 30;
@@ -51,39 +54,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
 const PAID_WATCH: Duration = Duration::from_millis(1_500);
 /// How long `serve` may take to exit after SIGTERM, and a failing `serve` to exit at all.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn server_url() -> String {
-    std::env::var("OVERDUE_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
-
-fn address(url: &str) -> String {
-    let authority = url.trim_start_matches("amqp://").split(['/', '?']).next().unwrap_or("127.0.0.1:5672");
-    let host = authority.rsplit('@').next().unwrap_or(authority);
-    if host.contains(':') { host.to_owned() } else { format!("{host}:5672") }
-}
-
-/// True when the broker answers; under `CI` an unreachable broker panics, elsewhere the test is
-/// skipped.
-fn broker_reachable(url: &str) -> bool {
-    let addr = address(url);
-    let ok = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)).is_ok());
-    if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI is set but the RabbitMQ broker at {addr} cannot be reached");
-        }
-        eprintln!("skipped: no RabbitMQ at {addr}; set CI to make this a failure");
-    }
-    ok
-}
-
-fn fresh_trigger_url(base: &str) -> String {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-    let sep = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{sep}mode=dlx&prefix=ot-{ms}-{:08x}", rand::random::<u32>())
-}
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)

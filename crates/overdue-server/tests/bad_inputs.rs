@@ -240,7 +240,8 @@ fn table(oid: &str) -> Vec<Case> {
         case("GET", format!("/v1/timers/gen/{}", "k".repeat(257)), Body::None, 400, "invalid_input"),
         // --- unknown routes and methods
         case("GET", "/v2/products", Body::None, 404, "not_found"),
-        case("GET", "/", Body::None, 404, "not_found"),
+        case("GET", "/nope", Body::None, 404, "not_found"),
+        case("GET", "/dashboard/nope.js", Body::None, 404, "not_found"),
         case("DELETE", "/v1/products", Body::None, 405, "method_not_allowed"),
         case("PUT", "/v1/orders", j("{}"), 405, "method_not_allowed"),
         case("GET", format!("/v1/orders/{oid}/pay"), Body::None, 405, "method_not_allowed"),
