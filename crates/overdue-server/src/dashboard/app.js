@@ -31,6 +31,9 @@ function askToken(why) {
   return new Promise((resolve) => tokenWaiters.push(resolve));
 }
 
+// Escape would close the prompt with the calls waiting on it forever; the page needs a token.
+$("#token-dialog").addEventListener("cancel", (ev) => ev.preventDefault());
+
 $("#token-form").addEventListener("submit", () => {
   sessionStorage.setItem(TOKEN_KEY, $("#token-input").value.trim());
   const waiters = tokenWaiters || [];
