@@ -115,8 +115,21 @@ async fn shows(c: &Client, sel: &str, want: impl std::fmt::Display) {
     eventually(c, &format!("{sel} = {want}"), &script, |v| v.as_str() == Some(want.as_str())).await;
 }
 
+/// Clicks `sel`, retrying while it is missing or covered (a dialog still closing, a table being
+/// re-rendered under the pointer) until [`RENDER_DEADLINE`].
 async fn click(c: &Client, sel: &str) {
-    c.find(Locator::Css(sel)).await.unwrap_or_else(|e| panic!("no {sel}: {e}")).click().await.unwrap_or_else(|e| panic!("click {sel}: {e}"));
+    let deadline = Instant::now() + RENDER_DEADLINE;
+    loop {
+        let err = match c.find(Locator::Css(sel)).await {
+            Ok(e) => match e.click().await {
+                Ok(()) => return,
+                Err(err) => err.to_string(),
+            },
+            Err(err) => err.to_string(),
+        };
+        assert!(Instant::now() < deadline, "could not click {sel}: {err}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn confirm(c: &Client) {
