@@ -36,19 +36,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::ops::RangeInclusive;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tempfile::TempDir;
-use common::{broker_reachable, forward_complete_lines, fresh_trigger_url, server_url};
+use common::{broker_reachable, drain, fresh_trigger_url, parse_ack, read_effects, read_stderr, server_url, spawn_worker, timers_left};
 
 /// Environment variable that fixes the RNG seed, to replay a failing run.
 const SEED_ENV: &str = "OVERDUE_AMQP_CRASH_SEED";
@@ -111,42 +107,6 @@ struct Round {
     stats: BTreeMap<String, u64>,
 }
 
-/// One row of the `effects` table.
-#[derive(Debug, Clone, Copy)]
-struct Effect {
-    due_at: i64,
-    fired_at: i64,
-    deliveries: i64,
-}
-
-#[derive(Debug)]
-struct Worker {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    reader: JoinHandle<()>,
-}
-
-fn spawn_worker(db: &Path, stderr: &Path, trigger_url: &str, prefix: &str, count: u64, until_idle: bool) -> Worker {
-    let stderr = File::create(stderr).expect("create the child's stderr file");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_overdue"));
-    cmd.arg("crash-worker")
-        .arg("--db")
-        .arg(db)
-        .args(["--prefix", prefix, "--trigger", "amqp", "--trigger-url", trigger_url])
-        .args(["--count", &count.to_string(), "--spread-ms", &SPREAD_MS.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr);
-    if until_idle {
-        cmd.arg("--until-idle");
-    }
-    let mut child = cmd.spawn().expect("spawn overdue crash-worker");
-    let stdout = child.stdout.take().expect("the child's stdout is piped");
-    let (tx, lines) = mpsc::channel();
-    let reader = thread::spawn(move || forward_complete_lines(stdout, &tx));
-    Worker { child, lines, reader }
-}
-
 /// A line of the worker, parsed.
 enum Line {
     Ack(String, i64),
@@ -156,13 +116,8 @@ enum Line {
 }
 
 fn parse_line(line: &str) -> Line {
-    if let Some(rest) = line.strip_prefix("ACK ") {
-        let mut parts = rest.split(' ');
-        let (Some(key), Some(due), None) = (parts.next(), parts.next(), parts.next()) else {
-            panic!("malformed ACK line from the worker: {line:?}");
-        };
-        let due = due.parse().unwrap_or_else(|e| panic!("bad due time in {line:?}: {e}"));
-        return Line::Ack(key.to_owned(), due);
+    if let Some((key, due)) = parse_ack(line) {
+        return Line::Ack(key, due);
     }
     if let Some(rest) = line.strip_prefix("STATS ") {
         let stats = rest
@@ -178,17 +133,6 @@ fn parse_line(line: &str) -> Line {
         "SCHEDULED" => Line::Scheduled,
         "IDLE" => Line::Idle,
         other => panic!("unexpected line from the worker: {other:?}"),
-    }
-}
-
-fn read_stderr(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()))
-}
-
-fn seed() -> u64 {
-    match std::env::var(SEED_ENV) {
-        Ok(s) => s.trim().parse().unwrap_or_else(|e| panic!("{SEED_ENV}={s:?} is not a u64: {e}")),
-        Err(_) => rand::random(),
     }
 }
 
@@ -210,7 +154,7 @@ fn every_acknowledged_timer_takes_effect_exactly_once_across_sigkills_over_rabbi
         return;
     }
     let started = Instant::now();
-    let seed = seed();
+    let seed = common::seed(SEED_ENV);
     println!("amqp_sigkill: seed {seed} (replay with {SEED_ENV}={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = TempDir::new().expect("tempdir");
@@ -218,6 +162,7 @@ fn every_acknowledged_timer_takes_effect_exactly_once_across_sigkills_over_rabbi
     let trigger_url = fresh_trigger_url(&base);
     let purge = PurgeOnDrop { url: trigger_url.clone() };
     println!("amqp_sigkill: trigger {}", overdue::redact_url(&trigger_url));
+    let trigger = ["--trigger", "amqp", "--trigger-url", trigger_url.as_str()];
 
     // key -> (acknowledged due_at, round)
     let mut acked: BTreeMap<String, (i64, usize)> = BTreeMap::new();
@@ -225,7 +170,7 @@ fn every_acknowledged_timer_takes_effect_exactly_once_across_sigkills_over_rabbi
     for round in 0..ROUNDS {
         let kill_after_ms = rng.random_range(KILL_AFTER_MS);
         let stderr = dir.path().join(format!("round-{round}.stderr"));
-        let mut worker = spawn_worker(&db, &stderr, &trigger_url, &format!("r{round}"), TIMERS_PER_ROUND, false);
+        let mut worker = spawn_worker(&db, &stderr, &format!("r{round}"), TIMERS_PER_ROUND, SPREAD_MS, &trigger, false);
         // The random moment is the point of the test: it is not waiting for a timer.
         thread::sleep(Duration::from_millis(kill_after_ms));
         worker.child.kill().expect("SIGKILL the worker");
@@ -265,28 +210,16 @@ fn every_acknowledged_timer_takes_effect_exactly_once_across_sigkills_over_rabbi
     // The last child fires everything left and exits once idle.
     let final_stderr = dir.path().join("final.stderr");
     let idle_started = Instant::now();
-    let mut worker = spawn_worker(&db, &final_stderr, &trigger_url, "final", 0, true);
-    let deadline = idle_started + IDLE_TIMEOUT;
-    let mut final_lines = Vec::new();
-    loop {
-        match worker.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => final_lines.push(line),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                worker.child.kill().expect("SIGKILL the hung worker");
-                worker.child.wait().expect("reap the hung worker");
-                let left = rusqlite::Connection::open(&db)
-                    .and_then(|c| c.query_row("SELECT COUNT(*) FROM timers", [], |r| r.get::<_, i64>(0)))
-                    .map_or_else(|e| format!("<cannot count: {e}>"), |n| n.to_string());
-                panic!(
-                    "the --until-idle worker did not exit within {IDLE_TIMEOUT:?}; {left} timers left in the \
-                     database; last lines {:?}; stderr:\n{}",
-                    &final_lines[final_lines.len().saturating_sub(3)..],
-                    read_stderr(&final_stderr)
-                );
-            }
-        }
-    }
+    let mut worker = spawn_worker(&db, &final_stderr, "final", 0, SPREAD_MS, &trigger, true);
+    let final_lines = drain(&mut worker, IDLE_TIMEOUT).unwrap_or_else(|final_lines| {
+        panic!(
+            "the --until-idle worker did not exit within {IDLE_TIMEOUT:?}; {} timers left in the \
+             database; last lines {:?}; stderr:\n{}",
+            timers_left(&db),
+            &final_lines[final_lines.len().saturating_sub(3)..],
+            read_stderr(&final_stderr)
+        )
+    });
     let status = worker.child.wait().expect("reap the --until-idle worker");
     worker.reader.join().expect("stdout reader thread");
     let idle_took = idle_started.elapsed();
@@ -309,19 +242,9 @@ fn every_acknowledged_timer_takes_effect_exactly_once_across_sigkills_over_rabbi
 
     // What the database says.
     let conn = rusqlite::Connection::open(&db).expect("open the database after the last worker");
-    let mut effects: BTreeMap<String, Effect> = BTreeMap::new();
-    {
-        let mut stmt =
-            conn.prepare("SELECT key, due_at, fired_at, deliveries FROM effects").expect("prepare effects query");
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, Effect { due_at: r.get(1)?, fired_at: r.get(2)?, deliveries: r.get(3)? }))
-            })
-            .expect("query effects");
-        for row in rows {
-            let (key, effect) = row.expect("read an effect");
-            assert!(effects.insert(key.clone(), effect).is_none(), "key {key} has two effect rows");
-        }
+    let (effects, duplicate_rows) = read_effects(&conn);
+    if let Some(key) = duplicate_rows.first() {
+        panic!("key {key} has two effect rows");
     }
     let count = |sql: &str| conn.query_row(sql, [QUEUE], |r| r.get::<_, i64>(0)).expect(sql);
     let timers_left = count("SELECT COUNT(*) FROM timers WHERE queue = ?1");

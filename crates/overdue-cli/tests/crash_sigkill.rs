@@ -30,19 +30,15 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::ops::RangeInclusive;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tempfile::TempDir;
-use common::forward_complete_lines;
+use common::{drain, parse_ack, read_effects, read_stderr, spawn_worker, timers_left};
 
 /// Environment variable that fixes the RNG seed, to replay a failing run.
 const SEED_ENV: &str = "OVERDUE_CRASH_SEED";
@@ -72,70 +68,10 @@ struct Round {
     scheduled_all: bool,
 }
 
-/// One row of the `effects` table.
-#[derive(Debug, Clone, Copy)]
-struct Effect {
-    due_at: i64,
-    fired_at: i64,
-    deliveries: i64,
-}
-
-/// A worker child whose complete stdout lines arrive on `lines`; the channel disconnects when
-/// the child's stdout closes, i.e. when it exits.
-#[derive(Debug)]
-struct Worker {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    reader: JoinHandle<()>,
-}
-
-fn spawn_worker(db: &Path, stderr: &Path, prefix: &str, count: u64, trigger: &str, until_idle: bool) -> Worker {
-    let stderr = File::create(stderr).expect("create the child's stderr file");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_overdue"));
-    cmd.arg("crash-worker")
-        .arg("--db")
-        .arg(db)
-        .args(["--prefix", prefix, "--trigger", trigger])
-        .args(["--count", &count.to_string(), "--spread-ms", &SPREAD_MS.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr);
-    if until_idle {
-        cmd.arg("--until-idle");
-    }
-    let mut child = cmd.spawn().expect("spawn overdue crash-worker");
-    let stdout = child.stdout.take().expect("the child's stdout is piped");
-    let (tx, lines) = mpsc::channel();
-    let reader = thread::spawn(move || forward_complete_lines(stdout, &tx));
-    Worker { child, lines, reader }
-}
-
-/// `ACK <key> <due_at>` → `(key, due_at)`; `None` for the other lines the worker prints.
-fn parse_ack(line: &str) -> Option<(String, i64)> {
-    let rest = line.strip_prefix("ACK ")?;
-    let mut parts = rest.split(' ');
-    let (Some(key), Some(due), None) = (parts.next(), parts.next(), parts.next()) else {
-        panic!("malformed ACK line from the worker: {line:?}");
-    };
-    let due = due.parse().unwrap_or_else(|e| panic!("bad due time in {line:?}: {e}"));
-    Some((key.to_owned(), due))
-}
-
-fn read_stderr(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()))
-}
-
-fn seed() -> u64 {
-    match std::env::var(SEED_ENV) {
-        Ok(s) => s.trim().parse().unwrap_or_else(|e| panic!("{SEED_ENV}={s:?} is not a u64: {e}")),
-        Err(_) => rand::random(),
-    }
-}
-
 #[test]
 fn every_acknowledged_timer_takes_effect_exactly_once_across_sigkills() {
     let started = Instant::now();
-    let seed = seed();
+    let seed = common::seed(SEED_ENV);
     println!("crash_sigkill: seed {seed} (replay with {SEED_ENV}={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = TempDir::new().expect("tempdir");
@@ -149,7 +85,7 @@ fn every_acknowledged_timer_takes_effect_exactly_once_across_sigkills() {
         let kill_after_ms = rng.random_range(KILL_AFTER_MS);
         let stderr = dir.path().join(format!("round-{round}.stderr"));
         let mut worker =
-            spawn_worker(&db, &stderr, &format!("r{round}"), TIMERS_PER_ROUND, trigger, false);
+            spawn_worker(&db, &stderr, &format!("r{round}"), TIMERS_PER_ROUND, SPREAD_MS, &["--trigger", trigger], false);
         // The random moment is the point of the test: it is not waiting for a timer.
         thread::sleep(Duration::from_millis(kill_after_ms));
         worker.child.kill().expect("SIGKILL the worker");
@@ -185,27 +121,15 @@ fn every_acknowledged_timer_takes_effect_exactly_once_across_sigkills() {
     let final_trigger = TRIGGERS[ROUNDS % TRIGGERS.len()];
     let final_stderr = dir.path().join("final.stderr");
     let idle_started = Instant::now();
-    let mut worker = spawn_worker(&db, &final_stderr, "final", 0, final_trigger, true);
-    let deadline = idle_started + IDLE_TIMEOUT;
-    let mut final_lines = Vec::new();
-    loop {
-        match worker.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => final_lines.push(line),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                worker.child.kill().expect("SIGKILL the hung worker");
-                worker.child.wait().expect("reap the hung worker");
-                let left = rusqlite::Connection::open(&db)
-                    .and_then(|c| c.query_row("SELECT COUNT(*) FROM timers", [], |r| r.get::<_, i64>(0)))
-                    .map_or_else(|e| format!("<cannot count: {e}>"), |n| n.to_string());
-                panic!(
-                    "the --until-idle worker ({final_trigger}) did not exit within {IDLE_TIMEOUT:?}; \
-                     it printed {final_lines:?}; {left} timers left in the database; stderr:\n{}",
-                    read_stderr(&final_stderr)
-                );
-            }
-        }
-    }
+    let mut worker = spawn_worker(&db, &final_stderr, "final", 0, SPREAD_MS, &["--trigger", final_trigger], true);
+    let final_lines = drain(&mut worker, IDLE_TIMEOUT).unwrap_or_else(|final_lines| {
+        panic!(
+            "the --until-idle worker ({final_trigger}) did not exit within {IDLE_TIMEOUT:?}; \
+             it printed {final_lines:?}; {} timers left in the database; stderr:\n{}",
+            timers_left(&db),
+            read_stderr(&final_stderr)
+        )
+    });
     // Stdout closes when the process exits, so this does not block.
     let status = worker.child.wait().expect("reap the --until-idle worker");
     worker.reader.join().expect("stdout reader thread");
@@ -218,23 +142,7 @@ fn every_acknowledged_timer_takes_effect_exactly_once_across_sigkills() {
 
     // What the database says.
     let conn = rusqlite::Connection::open(&db).expect("open the database after the last worker");
-    let mut effects: BTreeMap<String, Effect> = BTreeMap::new();
-    let mut duplicate_rows = Vec::new();
-    {
-        let mut stmt =
-            conn.prepare("SELECT key, due_at, fired_at, deliveries FROM effects").expect("prepare effects query");
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, Effect { due_at: r.get(1)?, fired_at: r.get(2)?, deliveries: r.get(3)? }))
-            })
-            .expect("query effects");
-        for row in rows {
-            let (key, effect) = row.expect("read an effect");
-            if effects.insert(key.clone(), effect).is_some() {
-                duplicate_rows.push(key);
-            }
-        }
-    }
+    let (effects, duplicate_rows) = read_effects(&conn);
     // key -> (due_at, generation, attempts, lease_owner)
     let mut timers: BTreeMap<String, (i64, i64, i64, Option<String>)> = BTreeMap::new();
     {
