@@ -77,8 +77,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Unclaimed timers per queue by how soon they come due (for dashboards). The default reads
     /// [`Store::counts`] and pages [`Store::list`] through the next day, up to
-    /// [`DueHistogram::SCAN_CAP`] timers; a store that can count ranges in its index overrides it
-    /// with one query.
+    /// [`DueHistogram::SCAN_CAP`] timers; the SQL stores override it with one grouped query.
     async fn due_histogram(&self, now: i64) -> Result<DueHistogram> {
         let mut by_queue: std::collections::BTreeMap<String, DueBuckets> = std::collections::BTreeMap::new();
         let until = now.saturating_add(DueBuckets::EDGES_MS[2]);

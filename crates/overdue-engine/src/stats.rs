@@ -207,7 +207,9 @@ impl Stats {
     pub(crate) fn record_fire(&self, queue: &str, lateness_ms: i64) {
         let ms = lateness_ms.max(0) as u64;
         self.fired.fetch_add(1, Relaxed);
-        self.lateness.lock().record(ms.min(LATENESS_MAX_MS), std::time::Instant::now());
+        // The clock is read before the lock is taken, not while holding it.
+        let now = std::time::Instant::now();
+        self.lateness.lock().record(ms.min(LATENESS_MAX_MS), now);
         let label = queue_label(queue);
         metrics::counter!("overdue_timers_fired_total", "queue" => label.clone()).increment(1);
         metrics::histogram!("overdue_fire_lateness_seconds", "queue" => label).record(ms as f64 / 1000.0);

@@ -75,7 +75,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use overdue_core::{
-    Capabilities, Claimed, DeadLetter, DeadLetterQuery, Error, ListQuery, NodeLease, QueueCount, Result,
+    Capabilities, Claimed, DeadLetter, DeadLetterQuery, DueBuckets, DueHistogram, Error, ListQuery, NodeLease, QueueCount, Result,
     Settlement, Store, Timer, TimerRef, TimerSpec, TimerState,
 };
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPoolOptions, MySqlRow};
@@ -1101,6 +1101,37 @@ impl Store for MysqlStore {
             .map_err(my_err);
         let found = self.track(r)?;
         rows(found, |r| timer_from_row(r, now))
+    }
+
+    async fn due_histogram(&self, now: i64) -> Result<DueHistogram> {
+        let [minute, hour, day] = DueBuckets::EDGES_MS.map(|e| now.saturating_add(e));
+        let r = sqlx::query(
+            "SELECT queue, CAST(SUM(due_at <= ?) AS SIGNED), \
+             CAST(SUM(due_at > ? AND due_at <= ?) AS SIGNED), CAST(SUM(due_at > ? AND due_at <= ?) AS SIGNED), \
+             CAST(SUM(due_at > ? AND due_at <= ?) AS SIGNED), CAST(SUM(due_at > ?) AS SIGNED) \
+             FROM timers WHERE lease_until IS NULL OR lease_until <= ? GROUP BY queue ORDER BY queue",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(minute)
+        .bind(minute)
+        .bind(hour)
+        .bind(hour)
+        .bind(day)
+        .bind(day)
+        .bind(now)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(my_err);
+        let rows = self.track(r)?;
+        let queues = rows
+            .iter()
+            .map(|r| {
+                let n = |i: usize| r.try_get::<i64, _>(i).map(|v| v as u64).map_err(my_err);
+                Ok(DueBuckets { queue: text(r, 0).map_err(my_err)?, overdue: n(1)?, next_minute: n(2)?, next_hour: n(3)?, next_day: n(4)?, later: n(5)? })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DueHistogram { queues, exact: true })
     }
 
     async fn nodes(&self, _now: i64) -> Result<Vec<NodeLease>> {

@@ -49,7 +49,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use overdue_core::{
-    Capabilities, Claimed, DeadLetter, DeadLetterQuery, Error, ListQuery, NodeLease, QueueCount, Result, Settlement, Store,
+    Capabilities, Claimed, DeadLetter, DeadLetterQuery, DueBuckets, DueHistogram, Error, ListQuery, NodeLease, QueueCount, Result, Settlement, Store,
     Timer, TimerRef, TimerSpec, TimerState,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
@@ -516,6 +516,32 @@ impl Store for PgStore {
         let r = q.bind(i64::from(query.effective_limit())).fetch_all(&self.inner.pool).await.map_err(pg_err);
         let found = self.track(r)?;
         rows(found, |r| timer_from_row(r, now))
+    }
+
+    async fn due_histogram(&self, now: i64) -> Result<DueHistogram> {
+        let [minute, hour, day] = DueBuckets::EDGES_MS.map(|e| now.saturating_add(e));
+        let r = sqlx::query(
+            "SELECT queue, COUNT(*) FILTER (WHERE due_at <= $1), \
+             COUNT(*) FILTER (WHERE due_at > $1 AND due_at <= $2), COUNT(*) FILTER (WHERE due_at > $2 AND due_at <= $3), \
+             COUNT(*) FILTER (WHERE due_at > $3 AND due_at <= $4), COUNT(*) FILTER (WHERE due_at > $4) \
+             FROM timers WHERE lease_until IS NULL OR lease_until <= $1 GROUP BY queue ORDER BY queue",
+        )
+        .bind(now)
+        .bind(minute)
+        .bind(hour)
+        .bind(day)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(pg_err);
+        let rows = self.track(r)?;
+        let queues = rows
+            .iter()
+            .map(|r| {
+                let n = |i: usize| r.try_get::<i64, _>(i).map(|v| v as u64).map_err(pg_err);
+                Ok(DueBuckets { queue: r.try_get(0).map_err(pg_err)?, overdue: n(1)?, next_minute: n(2)?, next_hour: n(3)?, next_day: n(4)?, later: n(5)? })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DueHistogram { queues, exact: true })
     }
 
     async fn nodes(&self, _now: i64) -> Result<Vec<NodeLease>> {
