@@ -32,4 +32,7 @@ pub use model::{
     Timer, TimerRef, TimerSpec, TimerState,
 };
 pub use store::{Capabilities, Store};
-pub use trigger::{Delivery, DueSink, ExternalTrigger, reconnect_pause};
+pub use trigger::{
+    Delivery, DueSink, ExternalTrigger, MessageOutcome, NOTICES_PER_MESSAGE, decode_notices, encode_notices, pack_by,
+    reconnect_pause,
+};

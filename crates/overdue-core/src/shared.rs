@@ -34,6 +34,16 @@ pub const MIN_PARTITION_LEASE: Duration = Duration::from_millis(300);
 /// Longest partition lease accepted.
 pub const MAX_PARTITION_LEASE: Duration = Duration::from_secs(3600);
 
+/// A boolean URL parameter (`true|1|on`, `false|0|off`), e.g. the SQL stores' `outbox=`; a
+/// bad value is an [`Error::Config`] naming `scheme`.
+pub fn url_flag(scheme: &str, key: &str, value: &str) -> Result<bool> {
+    match value {
+        "true" | "1" | "on" => Ok(true),
+        "false" | "0" | "off" => Ok(false),
+        _ => Err(Error::Config(format!("invalid {scheme} url: {key}={value:?} must be true or false"))),
+    }
+}
+
 /// The URL parameters every shared store takes: `pool`, `node`, `partition_lease_ms`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeOptions {

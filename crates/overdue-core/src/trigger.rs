@@ -104,6 +104,82 @@ pub trait ExternalTrigger: Send + Sync + fmt::Debug + 'static {
     async fn consume(&self, sink: Arc<dyn DueSink>) -> Result<()>;
 }
 
+/// At most this many notices travel in one broker message (see [`encode_notices`]).
+pub const NOTICES_PER_MESSAGE: usize = 128;
+
+/// The body of a broker message that carries notices: a JSON array of
+/// `{"queue","key","generation","due_at"}`, never the payload.
+///
+/// A broker's cost is per *message* (a confirm, a disk write, a dead-letter hop, a dequeue), not
+/// per byte, so the triggers pack the notices of one publish that take the same path (the same
+/// route, level or delivery slot) into one message of up to [`NOTICES_PER_MESSAGE`]. They wait
+/// and arrive together, exactly as they would have one by one.
+pub fn encode_notices(notices: &[&TimerRef]) -> Vec<u8> {
+    // Serializing plain strings and integers cannot fail.
+    serde_json::to_vec(notices).unwrap_or_default()
+}
+
+/// Groups items by the path they take (`key`), in the order each path is first seen, into
+/// messages of at most [`NOTICES_PER_MESSAGE`] items: what every trigger's publish packs.
+pub fn pack_by<K: Clone + Eq + std::hash::Hash, T>(items: impl IntoIterator<Item = (K, T)>) -> Vec<(K, Vec<T>)> {
+    let mut out: Vec<(K, Vec<T>)> = Vec::new();
+    let mut open: std::collections::HashMap<K, usize> = std::collections::HashMap::new();
+    for (key, item) in items {
+        match open.get(&key) {
+            Some(&i) if out[i].1.len() < NOTICES_PER_MESSAGE => out[i].1.push(item),
+            _ => {
+                open.insert(key.clone(), out.len());
+                out.push((key, vec![item]));
+            }
+        }
+    }
+    out
+}
+
+/// Reads a body written by [`encode_notices`], or a single notice object (the one-notice body
+/// of earlier versions, still accepted so that messages already waiting in a broker keep
+/// working). `Err` says why the body is not notices.
+pub fn decode_notices(body: &[u8]) -> std::result::Result<Vec<TimerRef>, String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let decoded = if first == Some(&b'[') {
+        serde_json::from_slice::<Vec<TimerRef>>(body)
+    } else {
+        serde_json::from_slice::<TimerRef>(body).map(|t| vec![t])
+    };
+    match decoded {
+        Ok(v) if v.is_empty() => Err("an empty list of notices".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// What a trigger does with one message carrying several notices, given the engine's answers
+/// to them ([`MessageOutcome::of`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageOutcome {
+    /// Every notice is done (or stale): acknowledge the message.
+    Ack,
+    /// Publish the notices at these indices again for the rest of their delay (they came
+    /// early), then acknowledge the message; if that publish fails, redeliver it instead.
+    Republish(Vec<usize>),
+    /// At least one notice was not handled: redeliver the whole message (nack with requeue, do
+    /// not commit). The notices already done come back stale and are dropped by the generation
+    /// fence; the early ones come back early again and are re-published then.
+    Redeliver,
+}
+
+impl MessageOutcome {
+    /// The outcome of a message from the answers to its notices, in order.
+    pub fn of(answers: &[Delivery]) -> MessageOutcome {
+        if answers.contains(&Delivery::Redeliver) {
+            return MessageOutcome::Redeliver;
+        }
+        let early: Vec<usize> =
+            answers.iter().enumerate().filter(|(_, a)| **a == Delivery::Early).map(|(i, _)| i).collect();
+        if early.is_empty() { MessageOutcome::Ack } else { MessageOutcome::Republish(early) }
+    }
+}
+
 /// The pause between two connection attempts of a trigger's consumer: waits `backoff` (cut
 /// short when the engine stops), then doubles `backoff` up to `max`. `false` when the engine
 /// stopped, so the consumer should return.
@@ -114,4 +190,52 @@ pub async fn reconnect_pause(sink: &dyn DueSink, backoff: &mut std::time::Durati
     };
     *backoff = (*backoff * 2).min(max);
     !stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(key: &str, generation: u64) -> TimerRef {
+        TimerRef { queue: "order.close".into(), key: key.into(), generation, due_at: 1_700_000_000_000 }
+    }
+
+    #[test]
+    fn notices_round_trip_as_a_json_array_and_a_single_object_is_still_read() {
+        let (a, b) = (t("o-1", 7), t("o-\"2\"", 8));
+        let body = encode_notices(&[&a, &b]);
+        assert_eq!(
+            String::from_utf8(body.clone()).expect("utf-8"),
+            r#"[{"queue":"order.close","key":"o-1","generation":7,"due_at":1700000000000},{"queue":"order.close","key":"o-\"2\"","generation":8,"due_at":1700000000000}]"#
+        );
+        assert_eq!(decode_notices(&body), Ok(vec![a.clone(), b]));
+        let one = br#" {"queue":"order.close","key":"o-1","generation":7,"due_at":1700000000000}"#;
+        assert_eq!(decode_notices(one), Ok(vec![a]));
+    }
+
+    #[test]
+    fn items_are_packed_by_key_in_first_seen_order_and_split_at_the_message_size() {
+        let items = (0..NOTICES_PER_MESSAGE + 2).map(|i| (if i == 1 { "b" } else { "a" }, i));
+        let packed = pack_by(items);
+        let shape: Vec<(&str, usize)> = packed.iter().map(|(k, v)| (*k, v.len())).collect();
+        assert_eq!(shape, vec![("a", NOTICES_PER_MESSAGE), ("b", 1), ("a", 1)]);
+        assert_eq!(packed[0].1[..3], [0, 2, 3]);
+    }
+
+    #[test]
+    fn bodies_that_are_not_notices_are_refused_with_a_reason() {
+        for bad in [&b""[..], b"[]", b"{}", b"[1,2]", b"not json", br#"{"queue":"q","key":"k","generation":-1,"due_at":0}"#] {
+            let e = decode_notices(bad).expect_err("refused");
+            assert!(!e.is_empty(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_message_is_acked_republished_or_redelivered_by_its_notices_answers() {
+        use Delivery::*;
+        assert_eq!(MessageOutcome::of(&[Ack, Ack]), MessageOutcome::Ack);
+        assert_eq!(MessageOutcome::of(&[Ack, Early, Ack, Early]), MessageOutcome::Republish(vec![1, 3]));
+        assert_eq!(MessageOutcome::of(&[Ack, Early, Redeliver]), MessageOutcome::Redeliver);
+        assert_eq!(MessageOutcome::of(&[Redeliver]), MessageOutcome::Redeliver);
+    }
 }

@@ -56,6 +56,8 @@ const SETTLE_BATCH: usize = 4096;
 const CLAIM_AHEAD: usize = 4;
 /// How long shutdown waits for the last settlements to be written.
 const SETTLER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for the external trigger's relay and consumer to end by themselves.
+const EXTERNAL_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest that [`Engine::settle`] waits for an external trigger to deliver what is due before
 /// the backstop takes it.
 pub const EXTERNAL_SETTLE_WAIT: Duration = Duration::from_secs(3);
@@ -215,13 +217,21 @@ impl EngineBuilder {
         let settler = tokio::spawn(settler(shared.clone(), settle_rx));
         let (pass_tx, pass_rx) = mpsc::channel(64);
         let driver = tokio::spawn(driver(shared.clone(), pass_rx));
+        let mut external_tasks = Vec::new();
         if let Some(t) = &self.external {
-            tasks.push(tokio::spawn(external::relay(shared.clone(), t.clone())));
-            tasks.push(tokio::spawn(external::consume(shared.clone(), t.clone())));
+            external_tasks.push(tokio::spawn(external::relay(shared.clone(), t.clone())));
+            external_tasks.push(tokio::spawn(external::consume(shared.clone(), t.clone())));
         }
         tracing::info!(node = %shared.node_id, store = shared.store.capabilities().name,
             trigger = %shared.trigger_name(), "engine started");
-        Ok(Engine { shared, pass_tx, driver: Mutex::new(Some(driver)), settler: Mutex::new(Some(settler)), workers: Mutex::new(tasks) })
+        Ok(Engine {
+            shared,
+            pass_tx,
+            driver: Mutex::new(Some(driver)),
+            settler: Mutex::new(Some(settler)),
+            workers: Mutex::new(tasks),
+            external: Mutex::new(external_tasks),
+        })
     }
 }
 
@@ -242,6 +252,9 @@ pub struct Engine {
     driver: Mutex<Option<JoinHandle<()>>>,
     settler: Mutex<Option<JoinHandle<()>>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// The external trigger's relay and consumer: given [`EXTERNAL_STOP_TIMEOUT`] to end by
+    /// themselves at shutdown (a consumer commits what is finished and leaves its group).
+    external: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -559,6 +572,15 @@ impl Engine {
             // Bounded: a settler stuck on a failing store must not keep the process alive.
             let _ = tokio::time::timeout(SETTLER_STOP_TIMEOUT, rx).await;
         }
+        // The trigger's tasks end by themselves once claiming stopped; wait for them (bounded) so
+        // a broker consumer can commit its offsets and leave its group instead of vanishing.
+        let external: Vec<JoinHandle<()>> = self.external.lock().drain(..).collect();
+        for t in external {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(EXTERNAL_STOP_TIMEOUT, t).await.is_err() {
+                abort.abort();
+            }
+        }
         self.abort_tasks();
         tracing::info!(node = %self.shared.node_id, ?report, "engine stopped");
         report
@@ -571,7 +593,7 @@ impl Engine {
         if let Some(s) = self.settler.lock().take() {
             s.abort();
         }
-        for w in self.workers.lock().drain(..) {
+        for w in self.workers.lock().drain(..).chain(self.external.lock().drain(..)) {
             w.abort();
         }
     }
@@ -613,7 +635,7 @@ enum SettlerMsg {
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
-    cfg: EngineConfig,
+    pub(crate) cfg: EngineConfig,
     limits: Limits,
     default_queue: QueueConfig,
     pub(crate) node_id: String,

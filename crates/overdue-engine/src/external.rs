@@ -15,6 +15,8 @@ use tokio::sync::oneshot;
 
 use crate::engine::Shared;
 
+/// Notices claimed together out of one [`DueSink::deliver`] call (see [`deliver`]).
+const DELIVER_CHUNK: usize = 1024;
 /// Outbox rows published per round.
 const RELAY_BATCH: u32 = 1000;
 /// How often an idle relay looks at the outbox anyway (rows written by another node, or by a
@@ -23,6 +25,9 @@ const RELAY_POLL: Duration = Duration::from_secs(1);
 /// A notice that arrives at most this early is held until its due time; earlier ones go back to
 /// the trigger to be published again for the rest of their delay.
 pub(crate) const EARLY_HOLD_MS: i64 = 2_000;
+/// Notices held for their due time are claimed in groups spanning at most this much of due
+/// time (see [`hold_groups`]): the most a hold makes a notice late, against one claim per group.
+pub(crate) const HOLD_GROUP_MS: i64 = 5;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// `(queue, key, generation)` of a delivered notice whose outcome a trigger is waiting for.
@@ -99,8 +104,25 @@ impl DueSink for Sink {
     }
 }
 
-/// Claims, fires and settles delivered notices; see [`DueSink::deliver`].
-async fn deliver(shared: &Arc<Shared>, notices: Vec<TimerRef>) -> Vec<Delivery> {
+/// Claims, fires and settles delivered notices; see [`DueSink::deliver`]. A delivery larger
+/// than [`DELIVER_CHUNK`] (or than `max_in_flight`, whose permits one chunk takes at once) is
+/// handled in chunks side by side, so no size a trigger hands over can wait for more permits
+/// than exist.
+async fn deliver(shared: &Arc<Shared>, mut notices: Vec<TimerRef>) -> Vec<Delivery> {
+    let chunk = DELIVER_CHUNK.min(shared.cfg.max_in_flight).max(1);
+    if notices.len() <= chunk {
+        return deliver_chunk(shared, notices).await;
+    }
+    let mut parts = Vec::with_capacity(notices.len().div_ceil(chunk));
+    while !notices.is_empty() {
+        let rest = notices.split_off(chunk.min(notices.len()));
+        parts.push(std::mem::replace(&mut notices, rest));
+    }
+    let answers = futures::future::join_all(parts.into_iter().map(|p| deliver_chunk(shared, p))).await;
+    answers.into_iter().flatten().collect()
+}
+
+async fn deliver_chunk(shared: &Arc<Shared>, notices: Vec<TimerRef>) -> Vec<Delivery> {
     let n = notices.len();
     let mut out = vec![Delivery::Ack; n];
     if n == 0 {
@@ -111,39 +133,61 @@ async fn deliver(shared: &Arc<Shared>, notices: Vec<TimerRef>) -> Vec<Delivery> 
     }
     // Too early to hold: back to the trigger for the rest of the delay.
     let now = shared.clock.now_ms();
-    let mut hold_until = i64::MIN;
     let mut take = Vec::with_capacity(n);
     for (i, t) in notices.into_iter().enumerate() {
         if t.due_at > now.saturating_add(EARLY_HOLD_MS) {
             out[i] = Delivery::Early;
         } else {
-            hold_until = hold_until.max(t.due_at);
             take.push((i, t));
         }
     }
-    if take.is_empty() {
-        return out;
+    let groups = hold_groups(take, now);
+    let settled = futures::future::join_all(groups.into_iter().map(|g| settle_group(shared, g))).await;
+    for (i, d) in settled.into_iter().flatten() {
+        out[i] = d;
     }
-    if hold_until > now {
+    out
+}
+
+/// Splits notices (with their places in the delivery) into groups that are held, claimed and
+/// fired together, in due order: what is due already is one group, fired at once; a group of
+/// notices not yet due spans at most [`HOLD_GROUP_MS`] of due times, so holding it until its
+/// last notice is due makes none of them later than that. (One hold for a whole delivery would
+/// make its earliest notice as late as its latest is early: a broker that hands over a batch
+/// spanning half a second would fire its first notice half a second late.)
+fn hold_groups(mut take: Vec<(usize, TimerRef)>, now: i64) -> Vec<Vec<(usize, TimerRef)>> {
+    take.sort_by_key(|(_, t)| t.due_at);
+    let mut groups: Vec<Vec<(usize, TimerRef)>> = Vec::new();
+    let mut window_end = i64::MIN;
+    for item in take {
+        match groups.last_mut() {
+            Some(g) if item.1.due_at <= window_end => g.push(item),
+            _ => {
+                window_end = if item.1.due_at <= now { now } else { item.1.due_at.saturating_add(HOLD_GROUP_MS) };
+                groups.push(vec![item]);
+            }
+        }
+    }
+    groups
+}
+
+/// Holds one group until its last notice is due, claims it, fires it and waits for every
+/// settlement; returns each notice's answer at its place in the delivery.
+async fn settle_group(shared: &Arc<Shared>, take: Vec<(usize, TimerRef)>) -> Vec<(usize, Delivery)> {
+    let redeliver = |take: &[(usize, TimerRef)]| take.iter().map(|(i, _)| (*i, Delivery::Redeliver)).collect::<Vec<_>>();
+    let hold_until = take.iter().map(|(_, t)| t.due_at).max().unwrap_or(i64::MIN);
+    if hold_until > shared.clock.now_ms() {
         // Slightly early (the broker's resolution): wait on the engine's clock.
         tokio::select! {
             biased;
-            _ = shared.stop_claiming.cancelled() => {
-                for (i, _) in &take {
-                    out[*i] = Delivery::Redeliver;
-                }
-                return out;
-            }
+            _ = shared.stop_claiming.cancelled() => return redeliver(&take),
             _ = shared.clock.sleep_until(hold_until) => {}
         }
     }
     let refs: Vec<TimerRef> = take.iter().map(|(_, t)| t.clone()).collect();
     let k = refs.len();
     if !shared.take_permits(k).await {
-        for (i, _) in &take {
-            out[*i] = Delivery::Redeliver;
-        }
-        return out;
+        return redeliver(&take);
     }
     let now = shared.clock.now_ms();
     let lease_until = shared.lease_until(now);
@@ -152,28 +196,29 @@ async fn deliver(shared: &Arc<Shared>, notices: Vec<TimerRef>) -> Vec<Delivery> 
         Err(e) => {
             shared.permits.add_permits(k);
             tracing::warn!(error = %e, n = k, "claiming delivered notices failed; the broker will deliver again");
-            for (i, _) in &take {
-                out[*i] = Delivery::Redeliver;
-            }
-            return out;
+            return redeliver(&take);
         }
     };
     shared.permits.add_permits(k - claimed.len());
     // Not claimed: stale (cancelled, replaced, already done) or held by another node's claim,
     // which fires it (or, if that node dies, the backstop does once its lease expires): ack.
     shared.stats.stale_dropped.fetch_add((k - claimed.len()) as u64, Relaxed);
-    let index: HashMap<(&str, &str, u64), usize> =
-        take.iter().map(|(i, t)| ((t.queue.as_str(), t.key.as_str(), t.generation), *i)).collect();
+    let mut out: Vec<(usize, Delivery)> = take.iter().map(|(i, _)| (*i, Delivery::Ack)).collect();
+    let index: HashMap<(&str, &str, u64), usize> = take
+        .iter()
+        .enumerate()
+        .map(|(j, (_, t))| ((t.queue.as_str(), t.key.as_str(), t.generation), j))
+        .collect();
     let mut waits = Vec::with_capacity(claimed.len());
     for c in &claimed {
-        if let Some(&i) = index.get(&(c.timer.queue.as_str(), c.timer.key.as_str(), c.timer.generation)) {
-            waits.push((i, shared.waiters.register(&c.timer)));
+        if let Some(&j) = index.get(&(c.timer.queue.as_str(), c.timer.key.as_str(), c.timer.generation)) {
+            waits.push((j, shared.waiters.register(&c.timer)));
         }
     }
     drop(index);
     shared.dispatch(claimed, lease_until);
-    for (i, rx) in waits {
-        out[i] = match rx.await {
+    for (j, rx) in waits {
+        out[j].1 = match rx.await {
             Ok(true) => Delivery::Ack,
             // Released (shutdown, or a claim that waited too long) or dropped unsettled.
             _ => Delivery::Redeliver,
@@ -251,5 +296,26 @@ pub(crate) async fn consume(shared: Arc<Shared>, trigger: Arc<dyn ExternalTrigge
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_notices_are_grouped_by_due_time_and_what_is_due_goes_at_once() {
+        let t = |k: &str, due_at| TimerRef { queue: "q".into(), key: k.into(), generation: 1, due_at };
+        let now = 1_000;
+        let take: Vec<(usize, TimerRef)> =
+            [t("late", 400), t("w2", 1_300), t("due", 1_000), t("w1", 1_004), t("w1b", 1_005), t("w3", 1_306), t("w2b", 1_305)]
+                .into_iter()
+                .enumerate()
+                .collect();
+        let groups: Vec<Vec<String>> =
+            hold_groups(take, now).iter().map(|g| g.iter().map(|(_, t)| t.key.clone()).collect()).collect();
+        // What is due (or overdue) at once; then windows of HOLD_GROUP_MS from each one's first.
+        assert_eq!(groups, vec![vec!["late", "due"], vec!["w1", "w1b"], vec!["w2", "w2b"], vec!["w3"]]);
+        assert!(hold_groups(Vec::new(), now).is_empty());
     }
 }

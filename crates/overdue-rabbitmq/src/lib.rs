@@ -52,7 +52,11 @@
 //! Messages are persistent (`delivery_mode = 2`) in durable classic queues, published
 //! `mandatory` on a channel with publisher confirms: [`ExternalTrigger::publish`] returns `Ok`
 //! only after the broker confirmed every message of the batch (and none came back unroutable).
-//! The body is the notice as JSON, `{"queue","key","generation","due_at"}`, never the payload.
+//! The body is a JSON array of notices, `[{"queue","key","generation","due_at"}, …]`, never the
+//! payload: the notices of one publish that take the same route travel together, up to
+//! [`NOTICES_PER_MESSAGE`](overdue_core::NOTICES_PER_MESSAGE) per message (the broker's cost is per message: a confirm, a disk write
+//! and a dead-letter hop each), and a message is acked once every notice in it is done
+//! ([`MessageOutcome`]).
 //! The consumer uses manual acknowledgements with a prefetch of [`DEFAULT_PREFETCH`]; it acks a
 //! message after [`DueSink::deliver`] answered [`Delivery::Ack`] (the effect committed, or the
 //! notice was stale), nacks it with requeue on [`Delivery::Redeliver`] (after
@@ -99,7 +103,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use overdue_core::shared::redact;
-use overdue_core::{Delivery, DueSink, Error, ExternalTrigger, Result, TimerRef};
+use overdue_core::{
+    Delivery, DueSink, Error, ExternalTrigger, MessageOutcome, Result, TimerRef, decode_notices,
+    encode_notices, pack_by,
+};
 use tokio::task::JoinSet;
 
 /// Name of this backend in store errors.
@@ -120,10 +127,11 @@ pub const MAX_ROUTED_DELAY_MS: i64 = (1i64 << (MAX_SHIFT + 1)) - RESOLUTION_MS;
 pub const MAX_PLUGIN_DELAY_MS: i64 = u32::MAX as i64;
 /// The plugin that `mode=delayed` needs.
 pub const DELAYED_PLUGIN: &str = "rabbitmq_delayed_message_exchange";
-/// Unacknowledged deliveries per consumer: enough to keep [`DELIVERIES_IN_FLIGHT`] batches of
-/// [`DELIVER_BATCH`] busy, small enough that one node does not hoard the due queue.
-pub const DEFAULT_PREFETCH: u16 = 4096;
-/// Most notices handed to [`DueSink::deliver`] in one call.
+/// Unacknowledged messages per consumer: enough to keep [`DELIVERIES_IN_FLIGHT`] batches of
+/// [`DELIVER_BATCH`] notices busy when the messages carry a few notices each, small enough that
+/// one node does not hoard the due queue (full messages carry [`NOTICES_PER_MESSAGE`](overdue_core::NOTICES_PER_MESSAGE) each).
+pub const DEFAULT_PREFETCH: u16 = 512;
+/// A `deliver` call takes messages until it holds this many notices.
 pub const DELIVER_BATCH: usize = 1024;
 /// `deliver` calls running at once.
 pub const DELIVERIES_IN_FLIGHT: usize = 4;
@@ -331,13 +339,17 @@ impl Names {
 /// Counters of one trigger, for tests and diagnostics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AmqpStats {
-    /// Messages published and confirmed (first publications and re-publications).
+    /// Notices published and confirmed (first publications and re-publications).
     pub published: u64,
-    /// Messages received from the due queue.
+    /// Messages those notices travelled in (up to [`NOTICES_PER_MESSAGE`](overdue_core::NOTICES_PER_MESSAGE) each).
+    pub published_messages: u64,
+    /// Notices received from the due queue.
     pub received: u64,
-    /// Re-published after an `Early` answer.
+    /// Messages they came in.
+    pub received_messages: u64,
+    /// Notices re-published after an `Early` answer.
     pub early: u64,
-    /// Nacked with requeue after a `Redeliver` answer.
+    /// Messages nacked with requeue after a `Redeliver` answer to one of their notices.
     pub redelivered: u64,
     /// Of the messages received, those the broker marked `redelivered`: handed out before to a
     /// consumer that did not settle them (a node killed or disconnected with them unacked, or
@@ -354,7 +366,9 @@ pub struct AmqpStats {
 #[derive(Debug, Default)]
 struct Counters {
     published: AtomicU64,
+    published_messages: AtomicU64,
     received: AtomicU64,
+    received_messages: AtomicU64,
     early: AtomicU64,
     redelivered: AtomicU64,
     broker_redelivered: AtomicU64,
@@ -396,6 +410,15 @@ impl std::fmt::Debug for AmqpTrigger {
 enum Ended {
     Stopped,
     Lost(String),
+}
+
+/// One message to publish: where it goes and the notices it carries.
+struct Outgoing<'a> {
+    exchange: String,
+    routing_key: String,
+    /// The plugin's `x-delay` header (`mode=delayed`), in ms.
+    x_delay: Option<i64>,
+    notices: Vec<&'a TimerRef>,
 }
 
 fn amqp_err(context: &str, e: lapin::Error) -> Error {
@@ -462,7 +485,9 @@ impl AmqpTrigger {
         let c = &self.inner.counters;
         AmqpStats {
             published: c.published.load(Relaxed),
+            published_messages: c.published_messages.load(Relaxed),
             received: c.received.load(Relaxed),
+            received_messages: c.received_messages.load(Relaxed),
             early: c.early.load(Relaxed),
             redelivered: c.redelivered.load(Relaxed),
             broker_redelivered: c.broker_redelivered.load(Relaxed),
@@ -587,63 +612,71 @@ impl AmqpTrigger {
         }
     }
 
-    /// Where and how a notice goes for a delay of `delay_ms`: (exchange, routing key, headers).
-    fn destination(&self, delay_ms: i64) -> (String, String, FieldTable) {
+    /// Where a notice goes for a delay of `delay_ms`: (exchange, routing key, `x-delay`).
+    fn destination(&self, delay_ms: i64) -> (String, String, Option<i64>) {
         let n = &self.inner.names;
         if delay_ms <= 0 {
-            return (n.due(), String::new(), FieldTable::default());
+            return (n.due(), String::new(), None);
         }
         match self.inner.opts.mode {
-            Mode::Dlx => (n.entry(), route_for(delay_ms).0, FieldTable::default()),
-            Mode::Delayed => {
-                let d = delay_ms.min(MAX_PLUGIN_DELAY_MS);
-                (n.delayed(), String::new(), table(&[("x-delay", AMQPValue::LongLongInt(d))]))
-            }
+            Mode::Dlx => (n.entry(), route_for(delay_ms).0, None),
+            Mode::Delayed => (n.delayed(), String::new(), Some(delay_ms.min(MAX_PLUGIN_DELAY_MS))),
         }
     }
 
-    /// Publishes `(notice, delay)` pairs and waits for every confirm.
+    /// Publishes `(notice, delay)` pairs and waits for every confirm. Notices that take the
+    /// same path (the same route in `mode=dlx`, the same `x-delay` in `mode=delayed`, or the due
+    /// queue) travel together, up to [`NOTICES_PER_MESSAGE`](overdue_core::NOTICES_PER_MESSAGE) per message.
     async fn send(&self, items: &[(&TimerRef, i64)]) -> Result<()> {
         if items.is_empty() {
             return Ok(());
         }
+        let messages = self.pack(items);
         let chs = self.publisher().await?;
-        let per = if items.len() < SPLIT_AT { items.len() } else { items.len().div_ceil(chs.len()) };
-        let sends = items.chunks(per.max(1)).zip(&chs).map(|(part, ch)| self.send_on(ch, part));
+        let per = if messages.len() < SPLIT_AT { messages.len() } else { messages.len().div_ceil(chs.len()) };
+        let sends = messages.chunks(per.max(1)).zip(&chs).map(|(part, ch)| self.send_on(ch, part));
         let result = futures::future::join_all(sends).await.into_iter().collect::<Result<Vec<()>>>().map(|_| ());
         if result.is_err() {
             self.drop_publisher().await;
+        } else {
+            self.inner.counters.published.fetch_add(items.len() as u64, Relaxed);
+            self.inner.counters.published_messages.fetch_add(messages.len() as u64, Relaxed);
         }
         result
     }
 
-    async fn send_on(&self, ch: &Channel, items: &[(&TimerRef, i64)]) -> Result<()> {
+    /// Groups notices by destination ([`pack_by`]).
+    fn pack<'a>(&self, items: &[(&'a TimerRef, i64)]) -> Vec<Outgoing<'a>> {
+        pack_by(items.iter().map(|(t, delay)| (self.destination(*delay), *t)))
+            .into_iter()
+            .map(|((exchange, routing_key, x_delay), notices)| Outgoing { exchange, routing_key, x_delay, notices })
+            .collect()
+    }
+
+    async fn send_on(&self, ch: &Channel, messages: &[Outgoing<'_>]) -> Result<()> {
         let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-        let mut messages = Vec::with_capacity(items.len());
-        for (t, delay) in items {
-            let body = serde_json::to_vec(t).map_err(|e| transient(format!("encoding a notice: {e}")))?;
-            let (exchange, routing_key, headers) = self.destination(*delay);
-            messages.push((exchange, routing_key, headers, body));
-        }
+        let bodies: Vec<Vec<u8>> = messages.iter().map(|m| encode_notices(&m.notices)).collect();
         // All publishes at once: each `basic_publish` waits until its frames are written, so
         // awaiting them one by one would cost a round through the client's I/O loop per
         // message. They are polled (and numbered for confirms) in order.
         let mode = if self.inner.opts.persistent { PERSISTENT } else { TRANSIENT };
-        let publishes = messages.iter().map(|(exchange, routing_key, headers, body)| {
-            let props = BasicProperties::default()
-                .with_delivery_mode(mode)
-                .with_content_type("application/json".into())
-                .with_headers(headers.clone());
-            ch.basic_publish(exchange.as_str().into(), routing_key.as_str().into(), options, body, props)
+        let publishes = messages.iter().zip(&bodies).map(|(m, body)| {
+            let headers = match m.x_delay {
+                Some(d) => table(&[("x-delay", AMQPValue::LongLongInt(d))]),
+                None => FieldTable::default(),
+            };
+            let props =
+                BasicProperties::default().with_delivery_mode(mode).with_content_type("application/json".into()).with_headers(headers);
+            ch.basic_publish(m.exchange.as_str().into(), m.routing_key.as_str().into(), options, body, props)
         });
-        let mut confirms = Vec::with_capacity(items.len());
+        let mut confirms = Vec::with_capacity(messages.len());
         for c in futures::future::join_all(publishes).await {
             confirms.push(c.map_err(|e| amqp_err("publishing a notice", e))?);
         }
         let all = futures::future::join_all(confirms);
         let answers = tokio::time::timeout(CONFIRM_TIMEOUT, all)
             .await
-            .map_err(|_| transient(format!("the broker did not confirm {} notices within {CONFIRM_TIMEOUT:?}", items.len())))?;
+            .map_err(|_| transient(format!("the broker did not confirm {} messages within {CONFIRM_TIMEOUT:?}", messages.len())))?;
         for a in answers {
             match a.map_err(|e| amqp_err("waiting for a publisher confirm", e))? {
                 Confirmation::Ack(None) => {}
@@ -654,7 +687,6 @@ impl AmqpTrigger {
                 Confirmation::NotRequested => return Err(transient("publisher confirms are off on the channel".into())),
             }
         }
-        self.inner.counters.published.fetch_add(items.len() as u64, Relaxed);
         Ok(())
     }
 
@@ -680,25 +712,25 @@ impl AmqpTrigger {
                 Some(_) = deliveries.join_next(), if !deliveries.is_empty() => {}
                 msg = consumer.next(), if deliveries.len() < DELIVERIES_IN_FLIGHT => {
                     let mut batch = Vec::new();
+                    let mut notices = 0;
                     let mut lost = None;
                     match msg {
-                        Some(Ok(d)) => batch.push(d),
+                        Some(Ok(d)) => notices += self.take(d, &mut batch),
                         Some(Err(e)) => return Ended::Lost(e.to_string()),
                         None => return Ended::Lost("the consumer was cancelled or its connection closed".into()),
                     }
-                    while batch.len() < DELIVER_BATCH {
+                    while notices < DELIVER_BATCH {
                         match consumer.next().now_or_never() {
-                            Some(Some(Ok(d))) => batch.push(d),
+                            Some(Some(Ok(d))) => notices += self.take(d, &mut batch),
                             Some(Some(Err(e))) => { lost = Some(e.to_string()); break; }
                             Some(None) => { lost = Some("the consumer was cancelled or its connection closed".into()); break; }
                             None => break,
                         }
                     }
-                    self.inner.counters.received.fetch_add(batch.len() as u64, Relaxed);
-                    let again = batch.iter().filter(|d| d.redelivered).count();
-                    self.inner.counters.broker_redelivered.fetch_add(again as u64, Relaxed);
-                    let (this, sink) = (self.clone(), sink.clone());
-                    deliveries.spawn(async move { this.deliver(sink, batch).await });
+                    if !batch.is_empty() {
+                        let (this, sink) = (self.clone(), sink.clone());
+                        deliveries.spawn(async move { this.deliver(sink, batch).await });
+                    }
                     if let Some(why) = lost {
                         return Ended::Lost(why);
                     }
@@ -707,34 +739,45 @@ impl AmqpTrigger {
         }
     }
 
-    /// Delivers one batch and settles each message with the broker by the engine's answer.
-    async fn deliver(&self, sink: Arc<dyn DueSink>, batch: Vec<lapin::message::Delivery>) {
-        let mut notices = Vec::with_capacity(batch.len());
-        let mut messages = Vec::with_capacity(batch.len());
-        for d in batch {
-            match serde_json::from_slice::<TimerRef>(&d.data) {
-                Ok(t) => {
-                    notices.push(t);
-                    messages.push(d);
-                }
-                Err(e) => {
-                    self.inner.counters.malformed.fetch_add(1, Relaxed);
-                    tracing::warn!(error = %e, "amqp trigger: a message on the due queue is not a notice; dropping it");
+    /// Decodes one message into `batch`; returns how many notices it carries. A body that is
+    /// not notices is acked and dropped (counted in `malformed`).
+    fn take(&self, d: lapin::message::Delivery, batch: &mut Vec<(lapin::message::Delivery, Vec<TimerRef>)>) -> usize {
+        let c = &self.inner.counters;
+        c.received_messages.fetch_add(1, Relaxed);
+        if d.redelivered {
+            c.broker_redelivered.fetch_add(1, Relaxed);
+        }
+        match decode_notices(&d.data) {
+            Ok(notices) => {
+                let n = notices.len();
+                c.received.fetch_add(n as u64, Relaxed);
+                batch.push((d, notices));
+                n
+            }
+            Err(e) => {
+                c.malformed.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "amqp trigger: a message on the due queue is not notices; dropping it");
+                tokio::spawn(async move {
                     let _ = d.acker.ack(BasicAckOptions::default()).await;
-                }
+                });
+                0
             }
         }
-        if notices.is_empty() {
-            return;
-        }
-        let answers = sink.deliver(notices.clone()).await;
+    }
+
+    /// Delivers the notices of a batch of messages and settles each message with the broker by
+    /// [`MessageOutcome::of`] the engine's answers to its notices.
+    async fn deliver(&self, sink: Arc<dyn DueSink>, batch: Vec<(lapin::message::Delivery, Vec<TimerRef>)>) {
+        let all: Vec<TimerRef> = batch.iter().flat_map(|(_, n)| n.iter().cloned()).collect();
+        let mut answers = sink.deliver(all).await.into_iter();
         let now = sink.now_ms();
         let (mut acks, mut early, mut redeliver) = (Vec::new(), Vec::new(), Vec::new());
-        for ((t, d), answer) in notices.iter().zip(messages).zip(answers) {
-            match answer {
-                Delivery::Ack => acks.push(d),
-                Delivery::Early => early.push((t, d)),
-                Delivery::Redeliver => redeliver.push(d),
+        for (d, notices) in &batch {
+            let mine: Vec<Delivery> = answers.by_ref().take(notices.len()).collect();
+            match MessageOutcome::of(&mine) {
+                MessageOutcome::Ack => acks.push(d),
+                MessageOutcome::Republish(idx) => early.push((d, idx.into_iter().map(|i| &notices[i]).collect::<Vec<_>>())),
+                MessageOutcome::Redeliver => redeliver.push(d),
             }
         }
         // All at once: each ack waits until it is written, one by one they would cost a round
@@ -744,16 +787,17 @@ impl AmqpTrigger {
             tracing::debug!(error = %e, "amqp trigger: an ack failed; the broker delivers again");
         }
         if !early.is_empty() {
-            let items: Vec<(&TimerRef, i64)> = early.iter().map(|(t, _)| (*t, t.due_at.saturating_sub(now))).collect();
+            let items: Vec<(&TimerRef, i64)> =
+                early.iter().flat_map(|(_, ts)| ts.iter().map(|t| (*t, t.due_at.saturating_sub(now)))).collect();
             let ok = match self.send(&items).await {
                 Ok(()) => true,
                 Err(e) => {
-                    tracing::warn!(error = %e, n = items.len(), "amqp trigger: re-publishing early notices failed; nacking them");
+                    tracing::warn!(error = %e, n = items.len(), "amqp trigger: re-publishing early notices failed; nacking their messages");
                     false
                 }
             };
-            self.inner.counters.early.fetch_add(early.len() as u64, Relaxed);
-            let settled = futures::future::join_all(early.iter().map(|(_, d)| async move {
+            self.inner.counters.early.fetch_add(items.len() as u64, Relaxed);
+            let settled = futures::future::join_all(early.iter().map(|(d, _)| async move {
                 if ok {
                     d.acker.ack(BasicAckOptions::default()).await
                 } else {

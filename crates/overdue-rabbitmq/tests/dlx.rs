@@ -144,7 +144,7 @@ async fn notices_wait_in_the_durable_due_queue_while_no_engine_runs() {
     const DUE_IN: i64 = 4_000;
     let t0;
     {
-        let (engine, _trigger, fired) = engine(&backend, Arc::new(SystemClock)).await;
+        let (engine, trigger, fired) = engine(&backend, Arc::new(SystemClock)).await;
         t0 = SystemClock.now_ms();
         let specs: Vec<TimerSpec> = (0..N).map(|i| spec(&format!("k{i}"), t0 + DUE_IN)).collect();
         engine.schedule_batch(specs).await.expect("schedule");
@@ -153,12 +153,19 @@ async fn notices_wait_in_the_durable_due_queue_while_no_engine_runs() {
         let down = SystemClock.now_ms() - t0;
         assert!(down < DUE_IN, "inconclusive: the first engine took {down} ms to publish and stop");
         assert!(fired.lock().expect("lock").is_empty(), "fired before its due time");
+        // One relay round of timers due together takes one or two routes (the delay left is
+        // rounded up to 128 ms): they travel packed, up to 128 notices per message.
+        let s = trigger.stats();
+        assert_eq!(s.published, N as u64, "{s:?}");
+        assert!(s.published_messages <= 4, "{N} notices of at most two routes in at most 4 messages: {s:?}");
     }
     // Nobody consumes while the notices come due: they wait in P.due.
     let wait = (t0 + DUE_IN + 500 - SystemClock.now_ms()).max(0) as u64;
     tokio::time::sleep(Duration::from_millis(wait)).await;
-    let (engine, _trigger, fired) = engine(&backend, Arc::new(SystemClock)).await;
+    let (engine, trigger, fired) = engine(&backend, Arc::new(SystemClock)).await;
     until("every timer fired", Duration::from_secs(10), || engine.stats().completed >= N as u64).await;
+    let s = trigger.stats();
+    assert_eq!((s.received, s.received_messages <= 4), (N as u64, true), "received as packed: {s:?}");
     let stats = engine.stats();
     assert_eq!(stats.backstop_rescued, 0, "they came from the broker, not the backstop: {stats:?}");
     let mut keys: Vec<String> = fired.lock().expect("lock").iter().map(|f| f.key.clone()).collect();

@@ -288,23 +288,24 @@ impl App {
     pub async fn start(cfg: AppConfig) -> Result<App> {
         cfg.validate()?;
         metrics_export::install();
-        // An external trigger publishes from the store's outbox: only the SQLite store has one,
-        // and it is written in the same transaction as the order and its timers.
+        // An external trigger publishes from the store's outbox, written in the same transaction
+        // as the order and its timers: the SQL stores (SQLite, PostgreSQL, MySQL) have one.
+        let sql = ["sqlite:", "postgres://", "postgresql://", "mysql://"].iter().any(|s| cfg.backend_url.starts_with(s));
         let backend_url = match &cfg.external_trigger {
             None => cfg.backend_url.clone(),
-            Some(t) if cfg.backend_url.starts_with("sqlite:") => {
+            Some(t) if sql => {
                 if cfg.backend_url.contains("outbox=") {
                     cfg.backend_url.clone()
                 } else {
                     let sep = if cfg.backend_url.contains('?') { '&' } else { '?' };
-                    tracing::debug!(trigger = t.name(), "turning the sqlite store's outbox on for the external trigger");
+                    tracing::debug!(trigger = t.name(), "turning the store's outbox on for the external trigger");
                     format!("{}{sep}outbox=true", cfg.backend_url)
                 }
             }
             Some(t) => {
                 return Err(ServerError::Config(format!(
-                    "the {} trigger needs the timers in the embedded SQLite store (sqlite:PATH, whose outbox it \
-                     publishes from); backend {} has no outbox",
+                    "the {} trigger needs the timers in a SQL store (sqlite:PATH, postgres://…, mysql://…, whose \
+                     outbox it publishes from); backend {} has no outbox",
                     t.name(),
                     overdue::redact_url(&cfg.backend_url)
                 )));

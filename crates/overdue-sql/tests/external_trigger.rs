@@ -173,3 +173,83 @@ async fn a_retry_is_published_again_from_the_outbox() {
     assert_eq!(engine.stats().backstop_rescued, 0, "the retry came back through the broker");
     assert_eq!(engine.stats().published, 2, "one notice per generation/due time");
 }
+
+/// A broker driven by hand: it keeps what is published and delivers only when the test says,
+/// as one batch.
+#[derive(Clone, Default)]
+struct HandTrigger {
+    published: Arc<parking_lot::Mutex<Vec<overdue_core::TimerRef>>>,
+    sink: Arc<parking_lot::Mutex<Option<Arc<dyn overdue_core::DueSink>>>>,
+}
+
+impl std::fmt::Debug for HandTrigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandTrigger").field("published", &self.published.lock().len()).finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl ExternalTrigger for HandTrigger {
+    fn name(&self) -> &'static str {
+        "by-hand"
+    }
+    async fn start(&self) -> overdue_core::Result<()> {
+        Ok(())
+    }
+    async fn publish(&self, notices: &[overdue_core::TimerRef], _now: i64) -> overdue_core::Result<()> {
+        self.published.lock().extend_from_slice(notices);
+        Ok(())
+    }
+    async fn consume(&self, sink: Arc<dyn overdue_core::DueSink>) -> overdue_core::Result<()> {
+        *self.sink.lock() = Some(sink.clone());
+        sink.until_stopped().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_delivery_of_notices_due_apart_fires_each_at_its_own_due_time() {
+    // A broker that hands over a batch spanning 800 ms of due times (a timer wheel releasing
+    // several slots at once, or notices published ahead of their time): holding the batch until
+    // its last notice is due would fire the first one 800 ms late.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(T0);
+    let broker = HandTrigger::default();
+    let fired = Arc::new(parking_lot::Mutex::new(Vec::<Firing>::new()));
+    let rec = fired.clone();
+    let engine = Engine::builder(store(&dir).await)
+        .clock(Arc::new(clock.clone()))
+        .external_trigger(Arc::new(broker.clone()) as Arc<dyn ExternalTrigger>)
+        .handler("q", QueueConfig::default(), move |f: Firing| {
+            let rec = rec.clone();
+            async move {
+                rec.lock().push(f);
+                Outcome::Done
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    engine.schedule_batch(vec![spec("soon", T0 + 100), spec("later", T0 + 900)]).await.expect("schedule");
+    until("both notices published", || broker.published.lock().len() == 2).await;
+    until("the consumer running", || broker.sink.lock().is_some()).await;
+    let sink = broker.sink.lock().clone().expect("sink");
+    let batch = broker.published.lock().clone();
+    let delivery = tokio::spawn(async move { sink.deliver(batch).await });
+
+    clock.set(T0 + 100);
+    until("the first notice fired", || fired.lock().len() == 1).await;
+    let first = fired.lock()[0].clone();
+    assert_eq!((first.key.as_str(), first.fired_at), ("soon", T0 + 100), "fired at its own due time");
+    clock.set(T0 + 899);
+    engine.settle().await;
+    assert_eq!(fired.lock().len(), 1, "the later notice is held until it is due");
+    assert!(!delivery.is_finished(), "the delivery is answered only when all of it is settled");
+
+    clock.set(T0 + 900);
+    let answers = tokio::time::timeout(Duration::from_secs(10), delivery).await.expect("answered").expect("delivery task");
+    assert_eq!(answers, vec![overdue_core::Delivery::Ack; 2]);
+    let keys: Vec<(String, i64)> = fired.lock().iter().map(|f| (f.key.clone(), f.fired_at)).collect();
+    assert_eq!(keys, [("soon".to_owned(), T0 + 100), ("later".to_owned(), T0 + 900)]);
+    assert_eq!(engine.stats().backstop_rescued, 0);
+}

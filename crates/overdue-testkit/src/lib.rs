@@ -28,6 +28,16 @@ pub use overdue_engine::TriggerKind;
 use overdue_engine::{Engine, EngineConfig, QueueConfig};
 use parking_lot::Mutex;
 
+/// Polls `cond` every 5 ms until it holds, panicking with `what` after `within`: how the broker
+/// tests wait for something the broker does in real time (never a fixed sleep).
+pub async fn until(what: &str, within: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 /// A backend under test: how to open (and re-open) its store, and which trigger to run.
 pub trait Backend: Send + Sync + 'static {
     /// Name for messages, e.g. `sqlite/wheel`.

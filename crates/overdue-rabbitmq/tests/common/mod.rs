@@ -117,11 +117,4 @@ impl Backend for Amqp {
     }
 }
 
-/// Polls `cond` every 5 ms until it holds, panicking with `what` after `within`.
-pub async fn until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
+pub use overdue_testkit::until;
