@@ -54,15 +54,32 @@
 //!
 //! ## URL
 //!
-//! `mysql://[user[:password]@]host[:port]/database[?pool=N&node=NAME&partition_lease_ms=MS]`
+//! `mysql://[user[:password]@]host[:port]/database[?pool=N&node=NAME&partition_lease_ms=MS&outbox=BOOL]`
 //!
 //! | parameter | meaning | default |
 //! |---|---|---|
 //! | `pool` | most connections this node opens | 16 |
 //! | `node` | name of this node in partition leases; a node restarted under the same name takes its partitions back at once | `<host>-<pid>-<random>` |
 //! | `partition_lease_ms` | how long a partition lease lasts without renewal (renewed every third of it) | 10000 |
+//! | `outbox` | `true` (or `1`, `on`) to record an outbox notice with every upsert, for an external trigger (RabbitMQ, Kafka, Redis key expiry, …); `false` (`0`, `off`) not to | `false` |
 //!
 //! Every other parameter goes to the driver (`ssl-mode`, `charset`, …).
+//!
+//! ## Outbox
+//!
+//! With `outbox=true` ([`MysqlOptions::outbox`]) the store can serve an external trigger (see
+//! `overdue_core::trigger`): every write that gives a timer a new generation or a new due time
+//! — `schedule` (and [`MysqlStore::schedule_in`] on the caller's connection), `reschedule`,
+//! `replay` and a retry's settlement — also inserts a notice `(seq, queue, key, generation,
+//! due_at)` into `overdue_outbox` in the same transaction (MySQL has no data-modifying CTEs, so
+//! an upsert that was one autocommit statement becomes a two-statement transaction). `seq` is
+//! an `AUTO_INCREMENT`, which InnoDB never hands out twice (MariaDB persists the counter across
+//! restarts since 10.2.4). `outbox_fetch` is a plain (non-locking) read in `seq` order: relays
+//! on several nodes may read the same rows at once without waiting for each other and publish
+//! them twice, which the generation fence makes harmless; `outbox_ack` deletes the given rows
+//! (unknown ones are ignored). A notice of an upsert that lost to a newer generation (see the
+//! generations above) is stale and dropped on delivery. With the outbox off (the default) no
+//! notice is written and the upserts are the plain statements.
 
 pub mod partitions;
 mod schema;
@@ -104,6 +121,10 @@ const STATEMENT_OVERHEAD: usize = 64 * 1024;
 pub struct MysqlOptions {
     /// Pool size, node name and partition lease.
     pub node: NodeOptions,
+    /// Record a notice in `overdue_outbox` with every upsert, for an external trigger's relay
+    /// (see `overdue_core::trigger`). Default off: the in-process triggers need no outbox. URL:
+    /// `?outbox=true`.
+    pub outbox: bool,
 }
 
 impl MysqlOptions {
@@ -139,6 +160,9 @@ impl MysqlOptions {
                         "there is no schema parameter: in MySQL a schema is a database, name it in the URL's path"
                             .to_owned(),
                     ));
+                }
+                "outbox" => {
+                    opts.outbox = overdue_core::shared::url_flag("mysql", k, v)?;
                 }
                 _ if opts.node.take("mysql", k, v)? => {}
                 _ => rest.push(pair),
@@ -196,6 +220,8 @@ pub(crate) fn my_err(e: sqlx::Error) -> Error {
 
 struct Inner {
     pool: MySqlPool,
+    /// Write a notice into `overdue_outbox` with every upsert.
+    outbox: bool,
     ownership: Ownership,
     healthy: AtomicBool,
     /// Bytes of bound values one statement may carry: half the server's `max_allowed_packet`.
@@ -297,6 +323,7 @@ impl MysqlStore {
         let node = opts.node.node_name();
         let inner = Arc::new(Inner {
             pool,
+            outbox: opts.outbox,
             ownership: Ownership::new(node, opts.node.partition_lease),
             healthy: AtomicBool::new(true),
             statement_budget: max_packet / 2,
@@ -387,6 +414,22 @@ impl MysqlStore {
     pub async fn cancel_in(&self, conn: &mut sqlx::MySqlConnection, queue: &str, key: &str) -> Result<Option<u64>> {
         let r = delete(conn, queue, key).await;
         self.track(r)
+    }
+
+    /// Whether this store was opened with its outbox on.
+    pub fn outbox(&self) -> bool {
+        self.inner.outbox
+    }
+
+    fn require_outbox(&self) -> Result<()> {
+        if self.inner.outbox {
+            return Ok(());
+        }
+        Err(Error::Config(
+            "the mysql store was opened without its outbox; an external trigger needs \
+             MysqlOptions { outbox: true, .. } (URL parameter outbox=true)"
+                .to_owned(),
+        ))
     }
 
     fn track<T>(&self, r: Result<T>) -> Result<T> {
@@ -747,8 +790,10 @@ impl MysqlStore {
                 t.queue.len() + t.key.len() + t.payload.len()
             });
             // Inside the caller's transaction (`outer`) every chunk runs on its connection;
-            // otherwise several chunks get a transaction of their own.
-            let mut tx = if outer.is_none() && chunks.len() > 1 {
+            // otherwise several chunks, or a chunk and its outbox notices, get a transaction of
+            // their own.
+            let outbox = self.inner.outbox;
+            let mut tx = if outer.is_none() && (chunks.len() > 1 || outbox) {
                 Some(self.inner.pool.begin().await?)
             } else {
                 None
@@ -780,6 +825,22 @@ impl MysqlStore {
                     (None, Some(tx)) => q.execute(&mut **tx).await?,
                     (None, None) => q.execute(&self.inner.pool).await?,
                 };
+                if outbox {
+                    // Fewer placeholders and bytes per row than the timers themselves: fits.
+                    let sql = format!(
+                        "INSERT INTO overdue_outbox (queue, `key`, generation, due_at) VALUES {}",
+                        row_values(chunk.len(), 4)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for (i, t) in chunk {
+                        q = q.bind(&t.queue).bind(&t.key).bind(first + *i as i64).bind(t.due_at);
+                    }
+                    match (outer.as_deref_mut(), tx.as_mut()) {
+                        (Some(conn), _) => q.execute(conn).await?,
+                        (None, Some(tx)) => q.execute(&mut **tx).await?,
+                        (None, None) => unreachable!("the outbox always writes in a transaction"),
+                    };
+                }
             }
             if let Some(tx) = tx {
                 tx.commit().await?;
@@ -925,8 +986,64 @@ impl MysqlStore {
                     }
                 }
                 q.bind(now).execute(&mut *tx).await?;
+                if self.inner.outbox {
+                    // The rows this transaction just updated (and holds locked): their new due
+                    // times. A stale settlement matches no row and notices nothing.
+                    let sql = format!(
+                        "INSERT INTO overdue_outbox (queue, `key`, generation, due_at) \
+                         SELECT queue, `key`, generation, due_at FROM timers \
+                         WHERE (queue, `key`, generation) IN ({}) ORDER BY queue, `key`",
+                        row_values(chunk.len(), 3)
+                    );
+                    let mut q = sqlx::query(&sql);
+                    for s in chunk {
+                        let t = s.timer();
+                        q = q.bind(&t.queue).bind(&t.key).bind(t.generation as i64);
+                    }
+                    q.execute(&mut *tx).await?;
+                }
             }
             tx.commit().await
+        })
+    }
+
+    /// The `UPDATE` of a reschedule to generation `g`, with its outbox notice in the same
+    /// transaction when the outbox is on. Returns the rows changed.
+    fn reschedule_tx<'a>(
+        &'a self,
+        queue: &'a str,
+        key: &'a str,
+        due_at: i64,
+        g: i64,
+        now: i64,
+    ) -> BoxFut<'a, std::result::Result<u64, sqlx::Error>> {
+        Box::pin(async move {
+            let update = sqlx::query(
+                "UPDATE timers SET due_at = ?, generation = ?, attempts = 0, last_error = NULL, lease_owner = NULL, \
+                 lease_until = NULL, updated_at = ? WHERE queue = ? AND `key` = ? AND generation < ?",
+            )
+            .bind(due_at)
+            .bind(g)
+            .bind(now)
+            .bind(queue)
+            .bind(key)
+            .bind(g);
+            if !self.inner.outbox {
+                return Ok(update.execute(&self.inner.pool).await?.rows_affected());
+            }
+            let mut tx = self.inner.pool.begin().await?;
+            let changed = update.execute(&mut *tx).await?.rows_affected();
+            if changed > 0 {
+                sqlx::query("INSERT INTO overdue_outbox (queue, `key`, generation, due_at) VALUES (?, ?, ?, ?)")
+                    .bind(queue)
+                    .bind(key)
+                    .bind(g)
+                    .bind(due_at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(changed)
         })
     }
 
@@ -968,6 +1085,15 @@ impl MysqlStore {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+            if self.inner.outbox {
+                sqlx::query("INSERT INTO overdue_outbox (queue, `key`, generation, due_at) VALUES (?, ?, ?, ?)")
+                    .bind(&queue)
+                    .bind(&key)
+                    .bind(generation)
+                    .bind(due_at)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
             Ok(true)
         })
@@ -1014,21 +1140,8 @@ impl Store for MysqlStore {
     ) -> Result<Option<u64>> {
         let r = self.reserve(1).await.map_err(my_err);
         let g = self.track(r)?;
-        let r = sqlx::query(
-            "UPDATE timers SET due_at = ?, generation = ?, attempts = 0, last_error = NULL, lease_owner = NULL, \
-             lease_until = NULL, updated_at = ? WHERE queue = ? AND `key` = ? AND generation < ?",
-        )
-        .bind(due_at)
-        .bind(g)
-        .bind(now)
-        .bind(queue)
-        .bind(key)
-        .bind(g)
-        .execute(&self.inner.pool)
-        .await
-        .map_err(my_err);
-        let done = self.track(r)?;
-        if done.rows_affected() > 0 {
+        let r = self.reschedule_tx(queue, key, due_at, g, now).await.map_err(my_err);
+        if self.track(r)? > 0 {
             return Ok(Some(g as u64));
         }
         // Nothing moved: either there is no such timer, or an upsert with a newer generation
@@ -1369,6 +1482,52 @@ impl Store for MysqlStore {
     fn ownership_epoch(&self) -> u64 {
         self.inner.ownership.epoch()
     }
+
+    async fn outbox_fetch(&self, limit: u32) -> Result<Vec<(i64, TimerRef)>> {
+        self.require_outbox()?;
+        // A plain consistent read (no locks): relays on several nodes may read the same rows at
+        // once (and publish them twice, which the generation fence makes harmless) without
+        // waiting for each other or for an acknowledgement in progress.
+        let r = sqlx::query(
+            "SELECT seq, queue, `key`, generation, due_at FROM overdue_outbox ORDER BY seq LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(my_err);
+        rows(self.track(r)?, |r| {
+            Ok((
+                r.try_get::<i64, _>(0)?,
+                TimerRef {
+                    queue: text(r, 1)?,
+                    key: text(r, 2)?,
+                    generation: r.try_get::<i64, _>(3)? as u64,
+                    due_at: r.try_get(4)?,
+                },
+            ))
+        })
+    }
+
+    async fn outbox_ack(&self, seqs: &[i64]) -> Result<()> {
+        self.require_outbox()?;
+        // Ascending, so two nodes acknowledging overlapping rows lock them in one order.
+        let mut seqs = seqs.to_vec();
+        seqs.sort_unstable();
+        seqs.dedup();
+        for chunk in self.chunks(&seqs, 1, 0, |_| 8) {
+            let sql = format!(
+                "DELETE FROM overdue_outbox WHERE seq IN ({})",
+                placeholders(chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for seq in chunk {
+                q = q.bind(*seq);
+            }
+            let r = q.execute(&self.inner.pool).await.map_err(my_err);
+            self.track(r)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -1389,6 +1548,16 @@ mod tests {
             (DEFAULT_POOL, None, "mysql://127.0.0.1/test")
         );
         assert_eq!(o.node.partition_lease, DEFAULT_PARTITION_LEASE);
+        assert!(!o.outbox, "the outbox is off by default");
+    }
+
+    #[test]
+    fn the_outbox_parameter_is_ours_not_the_drivers() {
+        for (v, on) in [("true", true), ("1", true), ("on", true), ("false", false), ("0", false), ("off", false)] {
+            let (o, d) = MysqlOptions::from_url(&format!("mysql://h/db?outbox={v}&ssl-mode=disabled")).expect(v);
+            assert_eq!(o.outbox, on, "outbox={v}");
+            assert_eq!(d, "mysql://h/db?ssl-mode=disabled");
+        }
     }
 
     #[test]
@@ -1404,6 +1573,8 @@ mod tests {
             ("mysql://h/db?partition_lease_ms=10", "partition_lease_ms"),
             ("mysql://h/db?partition_lease_ms=abc", "partition_lease_ms"),
             ("mysql://h/db?node=", "node"),
+            ("mysql://h/db?outbox=yes", "outbox=\"yes\" must be true or false"),
+            ("mysql://u:secret@h/db?outbox=", "outbox"),
         ] {
             let e = MysqlOptions::from_url(url).expect_err(url).to_string();
             assert!(

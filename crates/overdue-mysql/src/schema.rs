@@ -93,10 +93,26 @@ const MIGRATIONS: &[Migration] = &[Migration {
         ) ENGINE = InnoDB",
         "INSERT IGNORE INTO overdue_meta (name, value) VALUES ('generation', 0)",
     ],
+}, Migration {
+    version: 2,
+    name: "outbox of notices for external triggers",
+    statements: &[
+        // Written only when the store is opened with its outbox on (an external trigger relays
+        // it); see `overdue_core::trigger`. InnoDB never hands out an AUTO_INCREMENT value twice
+        // (MariaDB keeps the counter across restarts), so a relay that acknowledges late cannot
+        // delete a newer row.
+        "CREATE TABLE IF NOT EXISTS overdue_outbox (
+            seq         BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            queue       VARCHAR(64)  CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+            `key`       VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin NOT NULL,
+            generation  BIGINT       NOT NULL,
+            due_at      BIGINT       NOT NULL
+        ) ENGINE = InnoDB",
+    ],
 }];
 
 /// The schema version this build creates and understands.
-pub const LATEST_VERSION: i32 = 1;
+pub const LATEST_VERSION: i32 = 2;
 
 /// Brings the connection's database to [`LATEST_VERSION`].
 ///

@@ -27,7 +27,7 @@
 //!
 //! ## URL
 //!
-//! `postgres://[user[:password]@]host[:port]/database[?schema=NAME&pool=N&node=NAME&partition_lease_ms=MS]`
+//! `postgres://[user[:password]@]host[:port]/database[?schema=NAME&pool=N&node=NAME&partition_lease_ms=MS&outbox=BOOL]`
 //!
 //! | parameter | meaning | default |
 //! |---|---|---|
@@ -35,8 +35,22 @@
 //! | `pool` | most connections this node opens | 16 |
 //! | `node` | name of this node in partition leases; a node restarted under the same name takes its partitions back at once | `<host>-<pid>-<random>` |
 //! | `partition_lease_ms` | how long a partition lease lasts without renewal (renewed every third of it) | 10000 |
+//! | `outbox` | `true` (or `1`, `on`) to record an outbox notice with every upsert, for an external trigger (RabbitMQ, Kafka, Redis key expiry, …); `false` (`0`, `off`) not to | `false` |
 //!
 //! Every other parameter goes to the driver (`sslmode`, `application_name`, …).
+//!
+//! ## Outbox
+//!
+//! With `outbox=true` ([`PgOptions::outbox`]) the store can serve an external trigger (see
+//! `overdue_core::trigger`): every write that gives a timer a new generation or a new due time
+//! — `schedule` (and [`PgStore::schedule_in`] on the caller's connection), `reschedule`,
+//! `replay` and a retry's settlement — also inserts a notice `(seq, queue, key, generation,
+//! due_at)` into `overdue_outbox`, in the same statement (a data-modifying CTE), so the notice
+//! commits or rolls back with the timer. `seq` is a `BIGSERIAL`: never handed out twice.
+//! `outbox_fetch` is a plain read in `seq` order: relays on several nodes may read the same rows
+//! at once without waiting for each other and publish them twice, which the generation fence
+//! makes harmless; `outbox_ack` deletes the given rows (unknown ones are ignored). With the
+//! outbox off (the default) no notice is written and the upserts are the plain statements.
 
 pub mod partitions;
 mod schema;
@@ -77,6 +91,10 @@ pub struct PgOptions {
     pub schema: Option<String>,
     /// Pool size, node name and partition lease.
     pub node: NodeOptions,
+    /// Record a notice in `overdue_outbox` with every upsert, for an external trigger's relay
+    /// (see `overdue_core::trigger`). Default off: the in-process triggers need no outbox. URL:
+    /// `?outbox=true`.
+    pub outbox: bool,
 }
 
 impl PgOptions {
@@ -103,6 +121,8 @@ impl PgOptions {
                     )));
                 }
                 opts.schema = Some(v.to_owned());
+            } else if k == "outbox" {
+                opts.outbox = overdue_core::shared::url_flag("postgres", k, v)?;
             } else if !opts.node.take("postgres", k, v)? {
                 rest.push(pair);
             }
@@ -131,6 +151,8 @@ pub(crate) fn pg_err(e: sqlx::Error) -> Error {
 
 struct Inner {
     pool: PgPool,
+    /// Write a notice into `overdue_outbox` with every upsert.
+    outbox: bool,
     ownership: Ownership,
     healthy: AtomicBool,
     heartbeat: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -197,6 +219,7 @@ impl PgStore {
         let node = opts.node.node_name();
         let inner = Arc::new(Inner {
             pool,
+            outbox: opts.outbox,
             ownership: Ownership::new(node, opts.node.partition_lease),
             healthy: AtomicBool::new(true),
             heartbeat: parking_lot::Mutex::new(None),
@@ -260,7 +283,7 @@ impl PgStore {
     /// [`Store::schedule`]; the caller should hand the returned refs to `Engine::track` after
     /// its commit so the wheel hears of them at once.
     pub async fn schedule_in(&self, conn: &mut sqlx::PgConnection, timers: Vec<TimerSpec>, now: i64) -> Result<Vec<u64>> {
-        let r = upsert(conn, timers, now).await;
+        let r = upsert(conn, timers, now, self.inner.outbox).await;
         self.track(r)
     }
 
@@ -269,6 +292,22 @@ impl PgStore {
     pub async fn cancel_in(&self, conn: &mut sqlx::PgConnection, queue: &str, key: &str) -> Result<Option<u64>> {
         let r = delete(conn, queue, key).await;
         self.track(r)
+    }
+
+    /// Whether this store was opened with its outbox on.
+    pub fn outbox(&self) -> bool {
+        self.inner.outbox
+    }
+
+    fn require_outbox(&self) -> Result<()> {
+        if self.inner.outbox {
+            return Ok(());
+        }
+        Err(Error::Config(
+            "the postgres store was opened without its outbox; an external trigger needs \
+             PgOptions { outbox: true, .. } (URL parameter outbox=true)"
+                .to_owned(),
+        ))
     }
 
     fn track<T>(&self, r: Result<T>) -> Result<T> {
@@ -356,8 +395,33 @@ impl RefArrays {
 const JOIN_GENERATION: &str =
     "t.queue = c.queue COLLATE \"C\" AND t.key = c.key COLLATE \"C\" AND t.generation = c.generation";
 
+/// The batch upsert: one row per input, written in identity order.
+const UPSERT: &str = "INSERT INTO timers (queue, key, part, due_at, payload, generation, attempts, last_error, \
+     lease_owner, lease_until, created_at, updated_at) \
+     SELECT q, k, p, d, pl, nextval('overdue_generation'), 0, NULL, NULL, NULL, $6, $6 \
+     FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[], $5::bytea[]) AS u(q, k, p, d, pl) \
+     ORDER BY q COLLATE \"C\", k COLLATE \"C\" \
+     ON CONFLICT (queue, key) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload, \
+     generation = nextval('overdue_generation'), attempts = 0, last_error = NULL, lease_owner = NULL, \
+     lease_until = NULL, updated_at = EXCLUDED.updated_at \
+     RETURNING queue, key, generation";
+
+/// [`UPSERT`] plus one outbox notice per written row, in the same statement.
+const UPSERT_WITH_OUTBOX: &str = "WITH up AS (INSERT INTO timers (queue, key, part, due_at, payload, generation, attempts, \
+     last_error, lease_owner, lease_until, created_at, updated_at) \
+     SELECT q, k, p, d, pl, nextval('overdue_generation'), 0, NULL, NULL, NULL, $6, $6 \
+     FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[], $5::bytea[]) AS u(q, k, p, d, pl) \
+     ORDER BY q COLLATE \"C\", k COLLATE \"C\" \
+     ON CONFLICT (queue, key) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload, \
+     generation = nextval('overdue_generation'), attempts = 0, last_error = NULL, lease_owner = NULL, \
+     lease_until = NULL, updated_at = EXCLUDED.updated_at \
+     RETURNING queue, key, generation, due_at), \
+     notice AS (INSERT INTO overdue_outbox (queue, key, generation, due_at) \
+     SELECT queue, key, generation, due_at FROM up ORDER BY queue COLLATE \"C\", key COLLATE \"C\") \
+     SELECT queue, key, generation FROM up";
+
 /// The upsert behind [`Store::schedule`] and [`PgStore::schedule_in`], on any executor.
-async fn upsert<'e>(exec: impl sqlx::PgExecutor<'e>, timers: Vec<TimerSpec>, now: i64) -> Result<Vec<u64>> {
+async fn upsert<'e>(exec: impl sqlx::PgExecutor<'e>, timers: Vec<TimerSpec>, now: i64, outbox: bool) -> Result<Vec<u64>> {
     if timers.is_empty() {
         return Ok(Vec::new());
     }
@@ -378,17 +442,7 @@ async fn upsert<'e>(exec: impl sqlx::PgExecutor<'e>, timers: Vec<TimerSpec>, now
     // they cannot deadlock), and a replaced row takes its generation from the sequence
     // *after* its row lock is held, so concurrent upserts of one key store generations in
     // commit order: a stored generation never goes down.
-    let r = sqlx::query(
-        "INSERT INTO timers (queue, key, part, due_at, payload, generation, attempts, last_error, \
-         lease_owner, lease_until, created_at, updated_at) \
-         SELECT q, k, p, d, pl, nextval('overdue_generation'), 0, NULL, NULL, NULL, $6, $6 \
-         FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[], $5::bytea[]) AS u(q, k, p, d, pl) \
-         ORDER BY q COLLATE \"C\", k COLLATE \"C\" \
-         ON CONFLICT (queue, key) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload, \
-         generation = nextval('overdue_generation'), attempts = 0, last_error = NULL, lease_owner = NULL, \
-         lease_until = NULL, updated_at = EXCLUDED.updated_at \
-         RETURNING queue, key, generation",
-    )
+    let r = sqlx::query(if outbox { UPSERT_WITH_OUTBOX } else { UPSERT })
     .bind(&queues)
     .bind(&keys)
     .bind(&parts)
@@ -440,7 +494,7 @@ impl Store for PgStore {
     }
 
     async fn schedule(&self, timers: Vec<TimerSpec>, now: i64) -> Result<Vec<u64>> {
-        let r = upsert(&self.inner.pool, timers, now).await;
+        let r = upsert(&self.inner.pool, timers, now, self.inner.outbox).await;
         self.track(r)
     }
 
@@ -450,11 +504,20 @@ impl Store for PgStore {
     }
 
     async fn reschedule(&self, queue: &str, key: &str, due_at: i64, now: i64) -> Result<Option<u64>> {
-        let r = sqlx::query(
-            "UPDATE timers SET due_at = $3, generation = nextval('overdue_generation'), attempts = 0, \
+        const MOVE: &str = "UPDATE timers SET due_at = $3, generation = nextval('overdue_generation'), attempts = 0, \
              last_error = NULL, lease_owner = NULL, lease_until = NULL, updated_at = $4 \
-             WHERE queue = $1 AND key = $2 RETURNING generation",
-        )
+             WHERE queue = $1 AND key = $2";
+        let sql = if self.inner.outbox {
+            format!(
+                "WITH up AS ({MOVE} RETURNING queue, key, generation, due_at), \
+                 notice AS (INSERT INTO overdue_outbox (queue, key, generation, due_at) \
+                 SELECT queue, key, generation, due_at FROM up) \
+                 SELECT generation FROM up"
+            )
+        } else {
+            format!("{MOVE} RETURNING generation")
+        };
+        let r = sqlx::query(&sql)
         .bind(queue)
         .bind(key)
         .bind(due_at)
@@ -806,13 +869,25 @@ impl Store for PgStore {
                         errors.push(error.clone());
                     }
                 }
-                sqlx::query(&format!(
+                let retry_sql = format!(
                     "UPDATE timers t SET due_at = c.due_at, attempts = c.attempts, last_error = c.error, \
                      lease_owner = NULL, lease_until = NULL, updated_at = $7 \
                      FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[], $6::text[]) \
                           AS c(queue, key, generation, due_at, attempts, error) \
                      WHERE {JOIN_GENERATION}"
-                ))
+                );
+                // With the outbox on, the retried rows' new due times are noticed in the same
+                // statement: exactly the rows the fenced update changed.
+                let retry_sql = if self.inner.outbox {
+                    format!(
+                        "WITH up AS ({retry_sql} RETURNING t.queue, t.key, t.generation, t.due_at) \
+                         INSERT INTO overdue_outbox (queue, key, generation, due_at) \
+                         SELECT queue, key, generation, due_at FROM up ORDER BY queue COLLATE \"C\", key COLLATE \"C\""
+                    )
+                } else {
+                    retry_sql
+                };
+                sqlx::query(&retry_sql)
                 .bind(a.queues)
                 .bind(a.keys)
                 .bind(a.generations)
@@ -884,14 +959,23 @@ impl Store for PgStore {
             let queue: String = row.try_get(0)?;
             let key: String = row.try_get(1)?;
             let payload: Vec<u8> = row.try_get(2)?;
-            let g: i64 = sqlx::query(
-                "INSERT INTO timers (queue, key, part, due_at, payload, generation, attempts, last_error, \
+            const PUT: &str = "INSERT INTO timers (queue, key, part, due_at, payload, generation, attempts, last_error, \
                  lease_owner, lease_until, created_at, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, nextval('overdue_generation'), 0, NULL, NULL, NULL, $6, $6) \
                  ON CONFLICT (queue, key) DO UPDATE SET due_at = EXCLUDED.due_at, payload = EXCLUDED.payload, \
                  generation = nextval('overdue_generation'), attempts = 0, last_error = NULL, lease_owner = NULL, \
-                 lease_until = NULL, updated_at = EXCLUDED.updated_at RETURNING generation",
-            )
+                 lease_until = NULL, updated_at = EXCLUDED.updated_at";
+            let sql = if self.inner.outbox {
+                format!(
+                    "WITH up AS ({PUT} RETURNING queue, key, generation, due_at), \
+                     notice AS (INSERT INTO overdue_outbox (queue, key, generation, due_at) \
+                     SELECT queue, key, generation, due_at FROM up) \
+                     SELECT generation FROM up"
+                )
+            } else {
+                format!("{PUT} RETURNING generation")
+            };
+            let g: i64 = sqlx::query(&sql)
             .bind(&queue)
             .bind(&key)
             .bind(partition_of(&queue, &key))
@@ -912,6 +996,41 @@ impl Store for PgStore {
     fn ownership_epoch(&self) -> u64 {
         self.inner.ownership.epoch()
     }
+
+    async fn outbox_fetch(&self, limit: u32) -> Result<Vec<(i64, TimerRef)>> {
+        self.require_outbox()?;
+        // A plain read: relays on several nodes may read the same rows at once (and publish
+        // them twice, which the generation fence makes harmless) without waiting for each other.
+        let r = sqlx::query("SELECT seq, queue, key, generation, due_at FROM overdue_outbox ORDER BY seq LIMIT $1")
+            .bind(i64::from(limit))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(pg_err);
+        rows(self.track(r)?, |r| {
+            Ok((
+                r.try_get::<i64, _>(0)?,
+                TimerRef {
+                    queue: r.try_get(1)?,
+                    key: r.try_get(2)?,
+                    generation: r.try_get::<i64, _>(3)? as u64,
+                    due_at: r.try_get(4)?,
+                },
+            ))
+        })
+    }
+
+    async fn outbox_ack(&self, seqs: &[i64]) -> Result<()> {
+        self.require_outbox()?;
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let r = sqlx::query("DELETE FROM overdue_outbox WHERE seq = ANY($1)")
+            .bind(seqs)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(pg_err);
+        self.track(r).map(|_| ())
+    }
 }
 
 #[cfg(test)]
@@ -927,6 +1046,16 @@ mod tests {
         assert_eq!(d, "postgres://u:p@127.0.0.1/test?sslmode=disable");
         let (o, d) = PgOptions::from_url("postgresql://127.0.0.1/test").expect("valid");
         assert_eq!((o.schema, o.node.pool, d.as_str()), (None, DEFAULT_POOL, "postgresql://127.0.0.1/test"));
+        assert!(!o.outbox, "the outbox is off by default");
+    }
+
+    #[test]
+    fn the_outbox_parameter_is_ours_not_the_drivers() {
+        for (v, on) in [("true", true), ("1", true), ("on", true), ("false", false), ("0", false), ("off", false)] {
+            let (o, d) = PgOptions::from_url(&format!("postgres://h/db?outbox={v}&sslmode=disable")).expect(v);
+            assert_eq!(o.outbox, on, "outbox={v}");
+            assert_eq!(d, "postgres://h/db?sslmode=disable");
+        }
     }
 
     #[test]
@@ -940,6 +1069,8 @@ mod tests {
             ("postgres://h/db?pool=x", "pool"),
             ("postgres://h/db?partition_lease_ms=10", "partition_lease_ms"),
             ("postgres://h/db?node=", "node"),
+            ("postgres://h/db?outbox=yes", "outbox=\"yes\" must be true or false"),
+            ("postgres://h/db?outbox=", "outbox"),
         ] {
             let e = PgOptions::from_url(url).expect_err(url).to_string();
             assert!(e.contains(needle) && e.starts_with("invalid configuration: invalid postgres url"), "{url}: {e}");

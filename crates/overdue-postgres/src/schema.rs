@@ -87,10 +87,25 @@ CREATE TABLE overdue_meta (
     value BIGINT NOT NULL
 );
 "#,
+}, Migration {
+    version: 2,
+    name: "outbox of notices for external triggers",
+    // Written only when the store is opened with its outbox on (an external trigger relays it);
+    // see `overdue_core::trigger`. A BIGSERIAL's sequence never hands out a value twice (not even
+    // after a rollback), so a relay that acknowledges late cannot delete a newer row.
+    sql: r#"
+CREATE TABLE overdue_outbox (
+    seq         BIGSERIAL PRIMARY KEY,
+    queue       TEXT    COLLATE "C" NOT NULL,
+    key         TEXT    COLLATE "C" NOT NULL,
+    generation  BIGINT  NOT NULL,
+    due_at      BIGINT  NOT NULL
+);
+"#,
 }];
 
 /// The schema version this build creates and understands.
-pub const LATEST_VERSION: i32 = 1;
+pub const LATEST_VERSION: i32 = 2;
 
 /// Brings the schema in the connection's `search_path` to [`LATEST_VERSION`], creating the
 /// schema itself if it is named and missing.

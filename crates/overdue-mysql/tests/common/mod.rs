@@ -25,6 +25,8 @@ pub fn database_of(url: &str) -> String {
 pub struct My {
     pub trigger: TriggerKind,
     pub url: String,
+    /// Run the external-trigger path with the in-process loopback broker (outbox on).
+    pub loopback: bool,
 }
 
 impl My {
@@ -35,13 +37,29 @@ impl My {
         Some(My {
             trigger,
             url: format!("{url}{sep}node={node}"),
+            loopback: false,
+        })
+    }
+
+    /// The store with its outbox on, driven through the outbox relay by a
+    /// [`overdue_testkit::loopback::LoopbackTrigger`] instead of an in-process trigger.
+    pub async fn loopback() -> Option<My> {
+        let my = My::fresh(TriggerKind::Wheel).await?;
+        Some(My {
+            url: format!("{}&outbox=true", my.url),
+            loopback: true,
+            ..my
         })
     }
 }
 
 impl Backend for My {
     fn name(&self) -> String {
-        format!("mysql/{}", self.trigger)
+        if self.loopback {
+            "mysql/loopback".to_owned()
+        } else {
+            format!("mysql/{}", self.trigger)
+        }
     }
     fn trigger(&self) -> TriggerKind {
         self.trigger
@@ -50,5 +68,9 @@ impl Backend for My {
         Box::pin(
             async move { Ok(Arc::new(MysqlStore::open_url(&self.url).await?) as Arc<dyn Store>) },
         )
+    }
+    fn external(&self) -> Option<Arc<dyn overdue_core::ExternalTrigger>> {
+        self.loopback
+            .then(|| Arc::new(overdue_testkit::loopback::LoopbackTrigger::new()) as _)
     }
 }

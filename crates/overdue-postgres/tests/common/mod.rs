@@ -19,24 +19,36 @@ pub use overdue_testkit::servers::postgres::{fresh_schema, fresh_url, server_url
 pub struct Pg {
     pub trigger: TriggerKind,
     pub url: String,
+    /// Run the external-trigger path with the in-process loopback broker (outbox on).
+    pub loopback: bool,
 }
 
 impl Pg {
     pub async fn fresh(trigger: TriggerKind) -> Option<Pg> {
         let url = fresh_url("").await?;
         let node = url.rsplit("schema=").next().unwrap_or("node").to_owned();
-        Some(Pg { trigger, url: format!("{url}&node={node}") })
+        Some(Pg { trigger, url: format!("{url}&node={node}"), loopback: false })
+    }
+
+    /// The store with its outbox on, driven through the outbox relay by a
+    /// [`overdue_testkit::loopback::LoopbackTrigger`] instead of an in-process trigger.
+    pub async fn loopback() -> Option<Pg> {
+        let pg = Pg::fresh(TriggerKind::Wheel).await?;
+        Some(Pg { url: format!("{}&outbox=true", pg.url), loopback: true, ..pg })
     }
 }
 
 impl Backend for Pg {
     fn name(&self) -> String {
-        format!("postgres/{}", self.trigger)
+        if self.loopback { "postgres/loopback".to_owned() } else { format!("postgres/{}", self.trigger) }
     }
     fn trigger(&self) -> TriggerKind {
         self.trigger
     }
     fn open(&self) -> BoxFuture<'_, Result<Arc<dyn Store>>> {
         Box::pin(async move { Ok(Arc::new(PgStore::open_url(&self.url).await?) as Arc<dyn Store>) })
+    }
+    fn external(&self) -> Option<Arc<dyn overdue_core::ExternalTrigger>> {
+        self.loopback.then(|| Arc::new(overdue_testkit::loopback::LoopbackTrigger::new()) as _)
     }
 }

@@ -1,0 +1,255 @@
+//! The outbox (`?outbox=true`): every write that gives a timer a new generation or a new due
+//! time records a notice in the same statement; `outbox_fetch` reads them oldest first without
+//! waiting for other nodes; `outbox_ack` deletes exactly the given rows. With the outbox off
+//! nothing is written and a relay is refused.
+
+mod common;
+
+use std::time::Duration;
+
+use overdue_core::{DeadLetterQuery, Error, Settlement, Store, TimerRef, TimerSpec};
+use overdue_mysql::MysqlStore;
+
+const NOW: i64 = 1_700_000_000_000;
+
+async fn store(outbox: bool) -> Option<MysqlStore> {
+    let url = common::fresh_url(if outbox { "&outbox=true" } else { "" }).await?;
+    Some(MysqlStore::open_url(&url).await.expect("open"))
+}
+
+fn spec(key: &str, due_at: i64) -> TimerSpec {
+    TimerSpec::new("q", key, due_at).with_payload(key.as_bytes().to_vec())
+}
+
+fn notice(key: &str, generation: u64, due_at: i64) -> TimerRef {
+    TimerRef { queue: "q".into(), key: key.into(), generation, due_at }
+}
+
+async fn notices(s: &MysqlStore) -> Vec<TimerRef> {
+    s.outbox_fetch(10_000).await.expect("fetch").into_iter().map(|(_, n)| n).collect()
+}
+
+async fn rows_in_outbox(s: &MysqlStore) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM overdue_outbox").fetch_one(s.pool()).await.expect("count")
+}
+
+#[tokio::test]
+async fn an_upsert_writes_one_notice_per_new_generation() {
+    let Some(s) = store(true).await else { return };
+    assert!(s.outbox());
+    let gens = s.schedule(vec![spec("b", NOW + 2), spec("a", NOW + 1), spec("c", NOW + 3)], NOW).await.expect("schedule");
+    let mut got = notices(&s).await;
+    got.sort_by(|x, y| x.key.cmp(&y.key));
+    assert_eq!(got, vec![notice("a", gens[1], NOW + 1), notice("b", gens[0], NOW + 2), notice("c", gens[2], NOW + 3)]);
+    // Replacing a timer is a new generation: one more notice, the old one stays (stale, fenced).
+    let g = s.schedule(vec![spec("a", NOW + 10)], NOW).await.expect("replace")[0];
+    assert!(g > gens[1]);
+    let got = notices(&s).await;
+    assert_eq!(got.len(), 4);
+    assert_eq!(got.last(), Some(&notice("a", g, NOW + 10)), "newest last");
+    // Cancelling writes nothing.
+    assert_eq!(s.cancel("q", "b").await.expect("cancel"), Some(gens[0]));
+    assert_eq!(notices(&s).await.len(), 4);
+}
+
+#[tokio::test]
+async fn a_failing_batch_writes_no_notice() {
+    let Some(s) = store(true).await else { return };
+    // A key longer than the column makes the upsert fail (strict mode): neither timers nor
+    // notices, also when the batch is split into several statements and only the last one fails
+    // (rows go in identity order, so the long "z…" key is in the last chunk).
+    let long = "z".repeat(300);
+    let e = s.schedule(vec![spec("y", NOW), spec(&long, NOW)], NOW).await.expect_err("too long");
+    assert!(!e.is_transient(), "{e}");
+    assert_eq!(rows_in_outbox(&s).await, 0);
+    assert!(s.get("q", "y", NOW).await.expect("get").is_none());
+    let mut big: Vec<TimerSpec> = (0..9_000).map(|i| TimerSpec::new("q", format!("k{i:05}"), NOW)).collect();
+    big.push(spec(&long, NOW));
+    s.schedule(big, NOW).await.expect_err("the last chunk fails");
+    assert_eq!(rows_in_outbox(&s).await, 0, "the first chunk's notices were rolled back");
+    assert!(s.get("q", "k00000", NOW).await.expect("get").is_none());
+    // A batch past the placeholder limit that succeeds: one notice per timer.
+    let big: Vec<TimerSpec> = (0..9_000).map(|i| TimerSpec::new("q", format!("k{i:05}"), NOW)).collect();
+    let gens = s.schedule(big, NOW).await.expect("two statements");
+    let got = s.outbox_fetch(10_000).await.expect("fetch");
+    assert_eq!(got.len(), 9_000);
+    let mut noticed: Vec<u64> = got.iter().map(|(_, n)| n.generation).collect();
+    noticed.sort_unstable();
+    let mut want = gens.clone();
+    want.sort_unstable();
+    assert_eq!(noticed, want, "one notice per new generation");
+    s.outbox_ack(&got.iter().map(|(q, _)| *q).collect::<Vec<_>>()).await.expect("ack 9,000 at once");
+    assert_eq!(rows_in_outbox(&s).await, 0);
+
+    // In the caller's transaction: a rollback takes the notices with it, a commit keeps them.
+    let mut tx = s.pool().begin().await.expect("begin");
+    s.schedule_in(&mut tx, vec![spec("r1", NOW), spec("r2", NOW)], NOW).await.expect("schedule_in");
+    tx.rollback().await.expect("rollback");
+    assert_eq!(rows_in_outbox(&s).await, 0, "rolled back with the caller's transaction");
+    let mut tx = s.pool().begin().await.expect("begin");
+    let gens = s.schedule_in(&mut tx, vec![spec("c1", NOW + 5)], NOW).await.expect("schedule_in");
+    assert_eq!(rows_in_outbox(&s).await, 0, "not visible before the commit");
+    tx.commit().await.expect("commit");
+    assert_eq!(notices(&s).await, vec![notice("c1", gens[0], NOW + 5)]);
+}
+
+#[tokio::test]
+async fn fetch_is_oldest_first_and_ack_deletes_only_those_rows() {
+    let Some(s) = store(true).await else { return };
+    let mut gens = Vec::new();
+    for i in 0..5 {
+        gens.push(s.schedule(vec![spec(&format!("k{i}"), NOW + i)], NOW).await.expect("schedule")[0]);
+    }
+    let first = s.outbox_fetch(2).await.expect("fetch");
+    assert_eq!(first.len(), 2, "limit");
+    assert_eq!(first[0].1, notice("k0", gens[0], NOW));
+    assert_eq!(first[1].1, notice("k1", gens[1], NOW + 1));
+    let all = s.outbox_fetch(100).await.expect("fetch");
+    let seqs: Vec<i64> = all.iter().map(|(seq, _)| *seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "ascending: {seqs:?}");
+    assert_eq!(all.iter().map(|(_, n)| n.key.as_str()).collect::<Vec<_>>(), ["k0", "k1", "k2", "k3", "k4"]);
+    // Ack two of them and an unknown sequence number (another relay got there first).
+    s.outbox_ack(&[seqs[0], seqs[2], i64::MAX]).await.expect("ack");
+    let left: Vec<i64> = s.outbox_fetch(100).await.expect("fetch").iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(left, vec![seqs[1], seqs[3], seqs[4]]);
+    s.outbox_ack(&[]).await.expect("empty ack");
+    s.outbox_ack(&left).await.expect("ack the rest");
+    s.outbox_ack(&left).await.expect("acking twice is harmless");
+    assert!(s.outbox_fetch(100).await.expect("fetch").is_empty());
+    // Sequence numbers are never reused, even once the table is empty.
+    s.schedule(vec![spec("later", NOW)], NOW).await.expect("schedule");
+    let next = s.outbox_fetch(1).await.expect("fetch")[0].0;
+    assert!(next > seqs[4], "{next} reuses a sequence number <= {}", seqs[4]);
+}
+
+#[tokio::test]
+async fn reschedule_retry_and_replay_write_notices() {
+    let Some(s) = store(true).await else { return };
+    let g0 = s.schedule(vec![spec("t", NOW), spec("d", NOW)], NOW).await.expect("schedule");
+    let seqs: Vec<i64> = s.outbox_fetch(10).await.expect("fetch").iter().map(|(q, _)| *q).collect();
+    s.outbox_ack(&seqs).await.expect("ack");
+
+    // Reschedule: a new generation at the new due time; of a missing timer: nothing.
+    let g1 = s.reschedule("q", "t", NOW + 100, NOW).await.expect("reschedule").expect("exists");
+    assert!(s.reschedule("q", "missing", NOW, NOW).await.expect("reschedule").is_none());
+    assert_eq!(notices(&s).await, vec![notice("t", g1, NOW + 100)]);
+    let seqs: Vec<i64> = s.outbox_fetch(10).await.expect("fetch").iter().map(|(q, _)| *q).collect();
+    s.outbox_ack(&seqs).await.expect("ack");
+
+    // Retry: the same generation at its new due time; a stale settlement writes nothing.
+    let t = notice("t", g1, NOW + 100);
+    let claimed = s.claim(std::slice::from_ref(&t), "me", NOW + 100, NOW + 10_000).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let stale = notice("t", g0[0], NOW);
+    s.settle(
+        vec![
+            Settlement::Retry { timer: t.clone(), due_at: NOW + 500, attempts: 1, error: "busy".into() },
+            Settlement::Retry { timer: stale, due_at: NOW + 900, attempts: 1, error: "stale".into() },
+        ],
+        NOW + 100,
+    )
+    .await
+    .expect("settle");
+    assert_eq!(notices(&s).await, vec![notice("t", g1, NOW + 500)]);
+    let seqs: Vec<i64> = s.outbox_fetch(10).await.expect("fetch").iter().map(|(q, _)| *q).collect();
+    s.outbox_ack(&seqs).await.expect("ack");
+
+    // Done, release and dead-lettering write nothing; replaying a dead letter does.
+    let d = notice("d", g0[1], NOW);
+    s.claim(std::slice::from_ref(&d), "me", NOW, NOW + 10_000).await.expect("claim");
+    s.settle(vec![Settlement::DeadLetter { timer: d, attempts: 3, error: "boom".into(), failed_at: NOW }], NOW)
+        .await
+        .expect("dead letter");
+    assert_eq!(rows_in_outbox(&s).await, 0);
+    let id = s.dead_letters(&DeadLetterQuery::default()).await.expect("dead letters")[0].id;
+    let g2 = s.replay(id, NOW + 50, NOW).await.expect("replay").expect("replayed");
+    assert!(s.replay(id, NOW + 50, NOW).await.expect("replay").is_none(), "gone");
+    assert_eq!(notices(&s).await, vec![notice("d", g2, NOW + 50)]);
+}
+
+#[tokio::test]
+async fn with_the_outbox_off_nothing_is_written_and_a_relay_is_refused() {
+    let Some(s) = store(false).await else { return };
+    assert!(!s.outbox());
+    let g = s.schedule(vec![spec("a", NOW), spec("b", NOW)], NOW).await.expect("schedule");
+    let g1 = s.reschedule("q", "a", NOW, NOW).await.expect("reschedule").expect("exists");
+    let a = notice("a", g1, NOW);
+    s.claim(std::slice::from_ref(&a), "me", NOW, NOW + 1000).await.expect("claim");
+    s.settle(vec![Settlement::Retry { timer: a, due_at: NOW + 5, attempts: 1, error: "e".into() }], NOW)
+        .await
+        .expect("retry");
+    let b = notice("b", g[1], NOW);
+    s.claim(std::slice::from_ref(&b), "me", NOW, NOW + 1000).await.expect("claim");
+    s.settle(vec![Settlement::DeadLetter { timer: b, attempts: 1, error: "e".into(), failed_at: NOW }], NOW)
+        .await
+        .expect("dead letter");
+    let id = s.dead_letters(&DeadLetterQuery::default()).await.expect("dead letters")[0].id;
+    s.replay(id, NOW, NOW).await.expect("replay").expect("replayed");
+    let mut tx = s.pool().begin().await.expect("begin");
+    s.schedule_in(&mut tx, vec![spec("c", NOW)], NOW).await.expect("schedule_in");
+    tx.commit().await.expect("commit");
+    assert_eq!(rows_in_outbox(&s).await, 0, "the outbox is off");
+    for e in [s.outbox_fetch(10).await.expect_err("no outbox"), s.outbox_ack(&[1]).await.expect_err("no outbox")] {
+        assert!(matches!(e, Error::Config(_)), "{e}");
+        assert!(e.to_string().contains("outbox=true"), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn a_bad_outbox_value_is_a_clear_error() {
+    // Refused while parsing, before any connection is attempted.
+    for v in ["yes", "", "TRUE1"] {
+        let e = MysqlStore::open_url(&format!("mysql://127.0.0.1:9/test?outbox={v}")).await.expect_err(v);
+        assert!(matches!(e, Error::Config(_)), "{e}");
+        let s = e.to_string();
+        assert!(s.contains("invalid mysql url") && s.contains(&format!("outbox={v:?} must be true or false")), "{s}");
+    }
+}
+
+#[tokio::test]
+async fn one_nodes_fetch_never_waits_for_anothers_ack() {
+    let Some(url) = common::fresh_url("&outbox=true").await else { return };
+    let a = MysqlStore::open_url(&format!("{url}&node=a")).await.expect("open a");
+    let b = MysqlStore::open_url(&format!("{url}&node=b")).await.expect("open b");
+    a.schedule(vec![spec("k1", NOW), spec("k2", NOW)], NOW).await.expect("schedule");
+    let rows = a.outbox_fetch(10).await.expect("fetch");
+    // Node a is acknowledging k1 in a transaction that has not committed (its row is locked).
+    let mut tx = a.pool().begin().await.expect("begin");
+    sqlx::query("DELETE FROM overdue_outbox WHERE seq = ?").bind(rows[0].0).execute(&mut *tx).await.expect("delete");
+    // Node b reads both rows at once, without waiting for a's lock.
+    let seen = tokio::time::timeout(Duration::from_secs(2), b.outbox_fetch(10)).await.expect("b's fetch waited").expect("fetch");
+    assert_eq!(seen, rows, "both nodes see the same rows");
+    tx.commit().await.expect("commit");
+    // b acknowledges both (k1 already gone): fine.
+    b.outbox_ack(&rows.iter().map(|(s, _)| *s).collect::<Vec<_>>()).await.expect("ack");
+    assert!(a.outbox_fetch(10).await.expect("fetch").is_empty());
+}
+
+#[tokio::test]
+async fn the_outbox_table_survives_a_reopen_at_schema_version_2() {
+    let Some(url) = common::fresh_url("&outbox=true").await else { return };
+    let s = MysqlStore::open_url(&url).await.expect("open");
+    s.schedule(vec![spec("k", NOW)], NOW).await.expect("schedule");
+    drop(s);
+    let s = MysqlStore::open_url(&url).await.expect("reopen");
+    assert_eq!(notices(&s).await.len(), 1, "unpublished notices survive a restart");
+    let v: i32 = sqlx::query_scalar("SELECT MAX(version) FROM overdue_schema").fetch_one(s.pool()).await.expect("version");
+    assert_eq!(v, overdue_mysql::LATEST_VERSION);
+    assert_eq!(v, 2);
+}
+
+#[tokio::test]
+async fn a_version_1_database_gets_the_outbox_on_upgrade() {
+    let Some(url) = common::fresh_url("").await else { return };
+    let s = MysqlStore::open_url(&url).await.expect("open");
+    let g = s.schedule(vec![spec("old", NOW)], NOW).await.expect("schedule")[0];
+    // Back to the layout a build without the outbox made.
+    sqlx::query("DROP TABLE overdue_outbox").execute(s.pool()).await.expect("drop");
+    sqlx::query("DELETE FROM overdue_schema WHERE version = 2").execute(s.pool()).await.expect("unrecord");
+    drop(s);
+    let s = MysqlStore::open_url(&format!("{url}?outbox=true")).await.expect("upgrade");
+    assert_eq!(s.get("q", "old", NOW).await.expect("get").map(|t| t.generation), Some(g), "timers kept");
+    assert!(notices(&s).await.is_empty(), "timers written before the outbox have no notice");
+    let g2 = s.reschedule("q", "old", NOW + 1, NOW).await.expect("reschedule").expect("exists");
+    assert_eq!(notices(&s).await, vec![notice("old", g2, NOW + 1)]);
+}
