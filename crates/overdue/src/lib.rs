@@ -70,6 +70,20 @@ pub mod rabbitmq {
     pub use overdue_rabbitmq::*;
 }
 
+/// The Kafka trigger (`kafka://…`): level topics wait, a SQL store with its outbox stays the
+/// source of truth.
+#[cfg(feature = "kafka")]
+pub mod kafka {
+    pub use overdue_kafka::*;
+}
+
+/// The RocketMQ trigger (`rocketmq://…?mode=timer|levels`): timer messages or delay levels wait,
+/// a SQL store with its outbox stays the source of truth.
+#[cfg(feature = "rocketmq")]
+pub mod rocketmq {
+    pub use overdue_rocketmq::*;
+}
+
 /// The default store URL: an SQLite file under `./overdue-data/`.
 pub const DEFAULT_STORE_URL: &str = "sqlite:overdue-data/overdue.db";
 
@@ -118,6 +132,20 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
             "amqp:// is a trigger, not a store: RabbitMQ waits, a SQL store keeps the timers; use an SQL store URL \
              with --trigger amqp --trigger-url amqp://… (overdue bench also takes --backend amqp://…, meaning the \
              default SQLite store with its outbox plus that trigger)"
+                .to_owned(),
+        )),
+        #[cfg(feature = "kafka")]
+        "kafka" => Err(Error::Config(
+            "kafka:// is a trigger, not a store: Kafka waits, a SQL store keeps the timers; use an SQL store URL \
+             with --trigger kafka --trigger-url kafka://… (overdue serve and bench also take --backend kafka://…, \
+             meaning the default SQLite store with its outbox plus that trigger)"
+                .to_owned(),
+        )),
+        #[cfg(feature = "rocketmq")]
+        "rocketmq" => Err(Error::Config(
+            "rocketmq:// is a trigger, not a store: RocketMQ waits, a SQL store keeps the timers; use an SQL store \
+             URL with --trigger rocketmq --trigger-url rocketmq://… (overdue serve and bench also take --backend \
+             rocketmq://…, meaning the default SQLite store with its outbox plus that trigger)"
                 .to_owned(),
         )),
         _ if KNOWN_SCHEMES.contains(&scheme) => {
