@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use overdue::{Clock, Engine, EngineConfig, Firing, Outcome, QueueConfig, Store, TriggerKind};
+use overdue::{Clock, Engine, EngineConfig, Firing, Outcome, QueueConfig, Store};
+
+use crate::trigger::TriggerChoice;
 
 /// Options of the hidden `node-worker` subcommand.
 #[derive(Debug, Args)]
@@ -26,9 +28,13 @@ pub struct NodeArgs {
     /// this node.
     #[arg(long)]
     backend: String,
-    /// Trigger to use.
+    /// Trigger to use: wheel, heap, scan, or an external one (amqp, kafka) at --trigger-url,
+    /// which turns the store's outbox on.
     #[arg(long, default_value = "wheel")]
-    trigger: TriggerKind,
+    trigger: TriggerChoice,
+    /// Where an external trigger connects (default: its usual local address).
+    #[arg(long)]
+    trigger_url: Option<String>,
     /// Claim lease, milliseconds: how long a dead node's claimed timers wait before another
     /// node fires them.
     #[arg(long, default_value_t = 5_000)]
@@ -131,10 +137,13 @@ impl EffectLog {
     }
 }
 
-pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(mut args: NodeArgs) -> anyhow::Result<ExitCode> {
     // `closer` gives the node's partitions back at once on a graceful stop (instead of after
     // their lease); it runs only when awaited.
     type Closer = futures::future::BoxFuture<'static, overdue::Result<()>>;
+    args.backend = args.trigger.store_url(&args.backend);
+    let trigger_url = args.trigger_url.clone().unwrap_or_else(|| args.trigger.default_url().to_owned());
+    let external = args.trigger.external(&trigger_url)?;
     let (store, log, node, closer): (Arc<dyn Store>, EffectLog, String, Closer) = match args.backend.split_once("://").map(|(s, _)| s) {
         #[cfg(feature = "postgres")]
         Some("postgres" | "postgresql") => {
@@ -189,7 +198,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let config = EngineConfig {
-        trigger: args.trigger,
+        trigger: args.trigger.kind(),
         lease: Duration::from_millis(args.lease_ms),
         node_id: Some(node.clone()),
         ..EngineConfig::default()
@@ -199,7 +208,11 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_millis(args.lease_ms / 2),
         ..QueueConfig::default()
     };
-    let engine = Engine::builder(store.clone())
+    let mut builder = Engine::builder(store.clone());
+    if let Some(t) = external {
+        builder = builder.external_trigger(t);
+    }
+    let engine = builder
         .config(config)
         .default_queue_config(queue.clone())
         .handler("effect", queue, handler)

@@ -39,9 +39,10 @@ pub struct ServeArgs {
     /// outbox table written in each order's transaction.
     #[arg(long, env = "OVERDUE_ORDERS")]
     orders: Option<String>,
-    /// Trigger: wheel, heap, scan (in-process), amqp (RabbitMQ at --trigger-url) or keyspace
-    /// (Redis key-expiry events at --trigger-url); an external trigger needs a sqlite: backend,
-    /// whose outbox is then turned on.
+    /// Trigger: wheel, heap, scan (in-process), amqp (RabbitMQ at --trigger-url), kafka (level
+    /// topics at --trigger-url) or keyspace (Redis key-expiry events at --trigger-url); an
+    /// external trigger needs a SQL backend (sqlite:, postgres://, mysql://), whose outbox is then
+    /// turned on.
     #[arg(long, env = "OVERDUE_TRIGGER", default_value = "wheel")]
     trigger: TriggerChoice,
     /// Where an external trigger connects (amqp: an amqp:// URL, default

@@ -24,21 +24,51 @@ pub fn address(url: &str) -> String {
     if host.contains(':') { host.to_owned() } else { format!("{host}:5672") }
 }
 
-/// True when the broker answers; under `CI` an unreachable broker panics, elsewhere the test is
-/// skipped.
-pub fn broker_reachable(url: &str) -> bool {
-    let addr = address(url);
-    let ok = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+/// True when `addr` accepts a TCP connection within 5 s. Under `CI` an unreachable server
+/// panics (naming `what` and how to start it), elsewhere the test is skipped with a message.
+pub fn reachable(what: &str, addr: &str, start_with: &str) -> bool {
+    let ok = std::net::ToSocketAddrs::to_socket_addrs(addr)
         .ok()
         .and_then(|mut a| a.next())
         .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)).is_ok());
     if !ok {
         if std::env::var_os("CI").is_some() {
-            panic!("CI is set but the RabbitMQ broker at {addr} cannot be reached");
+            panic!("CI is set but the {what} at {addr} cannot be reached ({start_with})");
         }
-        eprintln!("skipped: no RabbitMQ at {addr}; set CI to make this a failure");
+        eprintln!("skipped: no {what} at {addr} ({start_with}); set CI to make this a failure");
     }
     ok
+}
+
+/// True when the RabbitMQ broker at `url` answers; see [`reachable`].
+pub fn broker_reachable(url: &str) -> bool {
+    reachable("RabbitMQ broker", &address(url), "rabbitmq-server -detached")
+}
+
+/// The Kafka broker: `OVERDUE_TEST_KAFKA` (host:port), default 127.0.0.1:9092.
+pub fn kafka_address() -> String {
+    std::env::var("OVERDUE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// True when the Kafka broker answers; see [`reachable`].
+pub fn kafka_reachable() -> bool {
+    reachable("Kafka broker", &kafka_address(), "scripts/brokers.sh start kafka")
+}
+
+/// The RocketMQ name server: `OVERDUE_TEST_ROCKETMQ` (host:port), default 127.0.0.1:9876.
+pub fn rocketmq_address() -> String {
+    std::env::var("OVERDUE_TEST_ROCKETMQ").unwrap_or_else(|_| "127.0.0.1:9876".to_owned())
+}
+
+/// True when the RocketMQ name server answers; see [`reachable`].
+pub fn rocketmq_reachable() -> bool {
+    reachable("RocketMQ name server", &rocketmq_address(), "scripts/brokers.sh start rocketmq")
+}
+
+/// A `kafka://` trigger URL for one test: a fresh prefix (topics and consumer group).
+pub fn fresh_kafka_url() -> String {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    format!("kafka://{}?prefix=ot-{ms}-{:08x}&partitions=2", kafka_address(), rand::random::<u32>())
 }
 
 /// A trigger URL on `base` for one test: the broker, `mode=dlx`, a fresh prefix.

@@ -1,11 +1,12 @@
-//! `overdue serve --trigger amqp`: the order service with RabbitMQ (`mode=dlx`) doing the
-//! waiting, and the errors of bad trigger input.
+//! `overdue serve --trigger amqp` and `--backend kafka://…`: the order service with RabbitMQ
+//! (`mode=dlx`) or Kafka (level topics) doing the waiting, and the errors of bad trigger input.
 //!
-//! The first test starts `overdue serve` as a child process on a fresh SQLite file, with
-//! `--trigger amqp --trigger-url amqp://…?mode=dlx&prefix=<fresh>`, creates orders over HTTP with
+//! The first tests start `overdue serve` as a child process on a fresh SQLite file, with
+//! `--trigger amqp --trigger-url amqp://…?mode=dlx&prefix=<fresh>` (or `--backend
+//! kafka://127.0.0.1:9092?prefix=<fresh>`, the same with Kafka), creates orders over HTTP with
 //! a short payment timeout and pays one of them at once. The unpaid order must be closed by its
 //! `order.close` timer at its deadline, and the evidence that the wake-up came through the
-//! broker is: the server's `/healthz` names the `amqp-dlx` trigger (the engine then runs no
+//! broker is: the server's `/healthz` names the `amqp-dlx` (`kafka`) trigger (the engine then runs no
 //! wheel, heap or scan, only the backstop sweep), `overdue_notices_published_total` rose by at
 //! least the order timers written, `overdue_backstop_rescued_total` stayed 0, and the close came
 //! well within the backstop's slack (a timer must be 2 s overdue before the backstop takes it).
@@ -16,10 +17,11 @@
 //! trigger URL together with a broker `--backend`, a backend without an outbox and a broker that
 //! cannot be reached each stop `serve` with a clear message, no panic and no password printed.
 //!
-//! The broker is `OVERDUE_TEST_AMQP` (default 127.0.0.1:5672, guest/guest); without it the first
-//! test is skipped, and under `CI` it fails. The prefix's exchanges and queues are deleted at the
-//! end, pass or fail.
-#![cfg(all(unix, feature = "rabbitmq"))]
+//! The brokers are `OVERDUE_TEST_AMQP` (default 127.0.0.1:5672, guest/guest) and
+//! `OVERDUE_TEST_KAFKA` (default 127.0.0.1:9092, `scripts/brokers.sh start kafka`); without one
+//! its test is skipped, and under `CI` it fails. The RabbitMQ prefix's exchanges and queues are
+//! deleted at the end, pass or fail (Kafka topics stay: see crates/overdue-kafka/tests/common).
+#![cfg(all(unix, feature = "rabbitmq", feature = "kafka", feature = "rocketmq"))]
 
 mod common;
 
@@ -31,7 +33,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
-use common::{broker_reachable, fresh_trigger_url, server_url};
+use common::{broker_reachable, fresh_kafka_url, fresh_trigger_url, kafka_reachable, server_url};
 
 /// `--pay-timeout-secs` of the server (orders below set their own, shorter timeout).
 const PAY_TIMEOUT_SECS: u64 = 30;
@@ -163,37 +165,52 @@ async fn an_unpaid_order_is_closed_by_a_notice_through_rabbitmq_and_a_paid_one_i
     if !broker_reachable(&base_url) {
         return;
     }
-    let started = Instant::now();
     let dir = TempDir::new().expect("tempdir");
     let trigger_url = fresh_trigger_url(&base_url);
     let _purge = PurgeOnDrop { url: trigger_url.clone() };
     let backend = format!("sqlite:{}", dir.path().join("overdue.db").display());
+    orders_close_through_the_broker(&dir, &["--backend", &backend, "--trigger", "amqp", "--trigger-url", &trigger_url], "amqp-dlx").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaid_order_is_closed_by_a_notice_through_kafka_and_a_paid_one_is_not() {
+    let Some(url) = kafka_reachable().then(fresh_kafka_url) else { return };
+    let dir = TempDir::new().expect("tempdir");
+    // A broker URL as the backend: the default SQLite store, with its outbox, plus that trigger
+    // (run from the temporary directory, so the default store lands there).
+    orders_close_through_the_broker(&dir, &["--backend", &url], "kafka").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaid_order_is_closed_by_a_notice_through_rocketmq_and_a_paid_one_is_not() {
+    if !common::rocketmq_reachable() {
+        return;
+    }
+    let dir = TempDir::new().expect("tempdir");
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let url = format!("rocketmq://{}?prefix=ot-{ms}-{:08x}", common::rocketmq_address(), rand::random::<u32>());
+    orders_close_through_the_broker(&dir, &["--backend", &url], "rocketmq-timer").await;
+}
+
+/// Starts `overdue serve` with `args` in `dir`, creates orders with a short payment timeout,
+/// pays one, and checks that the others close at their deadline through the broker (trigger
+/// `expect_trigger` in `/healthz`, nothing from the backstop) and the paid one never closes.
+async fn orders_close_through_the_broker(dir: &TempDir, args: &[&str], expect_trigger: &str) {
+    let started = Instant::now();
     let port = free_port();
     let stderr = dir.path().join("serve.stderr");
     let listen = format!("127.0.0.1:{port}");
-    let mut child = serve_command(
-        &[
-            "--listen",
-            &listen,
-            "--backend",
-            &backend,
-            "--trigger",
-            "amqp",
-            "--trigger-url",
-            &trigger_url,
-            "--pay-timeout-secs",
-            &PAY_TIMEOUT_SECS.to_string(),
-            "--remind-before-secs",
-            &REMIND_BEFORE_SECS.to_string(),
-        ],
-        &stderr,
-    )
-    .spawn()
-    .expect("spawn overdue serve");
+    let mut all = vec!["--listen", &listen];
+    all.extend_from_slice(args);
+    let (pay, remind) = (PAY_TIMEOUT_SECS.to_string(), REMIND_BEFORE_SECS.to_string());
+    all.extend_from_slice(&["--pay-timeout-secs", &pay, "--remind-before-secs", &remind]);
+    let mut cmd = serve_command(&all, &stderr);
+    cmd.current_dir(dir.path());
+    let mut child = cmd.spawn().expect("spawn overdue serve");
     let base = format!("http://{listen}");
     let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().expect("HTTP client");
     let health = wait_healthy(&http, &base, &mut child, &stderr).await;
-    assert_eq!(health["trigger"], "amqp-dlx", "the server runs the RabbitMQ trigger: {health}");
+    assert_eq!(health["trigger"], expect_trigger, "the server runs the broker's trigger: {health}");
 
     let published_before = counter(&http, &base, "overdue_notices_published_total").await;
     let (status, product) = call(
@@ -260,16 +277,17 @@ async fn an_unpaid_order_is_closed_by_a_notice_through_rabbitmq_and_a_paid_one_i
     let rescued = counter(&http, &base, "overdue_backstop_rescued_total").await;
     let (_, health) = call(&http, Method::GET, &format!("{base}/healthz"), None).await;
     println!(
-        "serve_amqp: close lateness ms {lateness:?}; notices published {published}, backstop rescued {rescued}; \
+        "serve over {expect_trigger}: close lateness ms {lateness:?}; notices published {published}, backstop rescued {rescued}; \
          healthz {health}; {:.1} s",
         started.elapsed().as_secs_f64()
     );
     let timers_written = 2 * (UNPAID_ORDERS + 1);
     assert!(
         published >= timers_written as f64,
-        "the relay published {published} notices for {timers_written} order timers written"
+        "the relay published {published} notices for {timers_written} order timers written; stderr:\n{}",
+        read(&stderr)
     );
-    assert_eq!(rescued, 0.0, "the backstop fired timers that the broker should have");
+    assert_eq!(rescued, 0.0, "the backstop fired timers that the broker should have; stderr:\n{}", read(&stderr));
     assert!(
         lateness.iter().all(|&l| l < CLOSE_LATENESS_BOUND_MS),
         "closes later than {CLOSE_LATENESS_BOUND_MS} ms after the deadline: {lateness:?}"
@@ -309,8 +327,11 @@ async fn bad_trigger_input_stops_serve_with_a_clear_error() {
     let dir = TempDir::new().expect("tempdir");
     let db = format!("sqlite:{}", dir.path().join("overdue.db").display());
 
-    let (_, e) = serve_fails(dir.path(), "unknown", &["--backend", &db, "--trigger", "kafka"]).await;
-    assert!(e.contains("unknown trigger \"kafka\"") && e.contains("amqp"), "{e}");
+    let (_, e) = serve_fails(dir.path(), "unknown", &["--backend", &db, "--trigger", "pulsar"]).await;
+    assert!(e.contains("unknown trigger \"pulsar\"") && e.contains("amqp") && e.contains("kafka"), "{e}");
+
+    let (_, e) = serve_fails(dir.path(), "bad-kafka", &["--backend", "kafka://127.0.0.1:9092?partitions=0"]).await;
+    assert!(e.contains("invalid kafka trigger url") && e.contains("1-1024"), "{e}");
 
     let (_, e) = serve_fails(dir.path(), "bad-url", &["--backend", &db, "--trigger", "amqp", "--trigger-url", "amqp://u:hunter2@127.0.0.1/%2f?mode=fast"]).await;
     assert!(e.contains("invalid amqp trigger url") && e.contains("expected dlx or delayed"), "{e}");
@@ -336,7 +357,7 @@ async fn bad_trigger_input_stops_serve_with_a_clear_error() {
         &["--backend", "redis://127.0.0.1:6379", "--trigger", "amqp", "--trigger-url", "amqp://guest:guest@127.0.0.1:5672/%2f"],
     )
     .await;
-    assert!(e.contains("needs the timers in the embedded SQLite store"), "{e}");
+    assert!(e.contains("needs the timers in a SQL store") && e.contains("has no outbox"), "{e}");
 
     // Nothing listens on port 1 of the loopback address: refused at once.
     let (_, e) = serve_fails(
