@@ -133,11 +133,39 @@ start_rocketmq() {
     if [ "${KEEP_STORE:-0}" = 1 ] && [ -f "$dir/broker.toml" ]; then
         :
     else
+        unmount_store "$dir/store"
         rm -rf "$dir"
         mkdir -p "$dir/store"
+        mount_store "$dir/store"
         write_broker_toml "$dir"
     fi
     start_rocketmq_processes "$dir"
+}
+
+# The broker refuses every write (SYSTEM_BUSY "store_not_writeable", which the client reports
+# only as "Broker operation failed") while its store's file system is more than 90 % used,
+# counted as (size - available) / size; the limit cannot be raised (rocketmq-store clamps
+# diskSpaceWarningLevelRatio to 90). On these VMs the root file system reports 252 GB but has
+# only what the host has left available (43 GB, seen falling to under 1 GB), so a second
+# cargo target directory can push it over 90 % and the broker stops taking messages in the
+# middle of a test run. So the store gets a tmpfs of its own, whose use is the broker's alone:
+# ROCKETMQ_STORE_SIZE (default 12g; the store after a full CI run is a few GB, mostly
+# preallocated 1 GiB commit-log and 6 MB consume-queue files). Without the rights to mount,
+# the store stays on the disk and the script says how full the disk counts as.
+ROCKETMQ_STORE_SIZE="${ROCKETMQ_STORE_SIZE:-12g}"
+mount_store() {
+    local store=$1
+    if mount -t tmpfs -o "size=$ROCKETMQ_STORE_SIZE,mode=0755" overdue-rocketmq "$store" 2>/dev/null; then
+        log "rocketmq store on its own tmpfs ($ROCKETMQ_STORE_SIZE) at $store"
+    else
+        log "WARNING: could not mount a tmpfs for the rocketmq store; it stays on the disk, where the broker refuses writes above 90 % use: $(df -h --output=size,avail "$store" | tail -1)"
+    fi
+}
+unmount_store() {
+    local store=$1
+    if mountpoint -q "$store" 2>/dev/null; then
+        umount "$store" || die "could not unmount the old rocketmq store at $store"
+    fi
 }
 
 write_broker_toml() {
@@ -205,6 +233,10 @@ status() {
         listening "$port" && state=up
         printf '%-18s 127.0.0.1:%-6s %s\n' "$name" "$port" "$state"
     done
+    local store="$STATE/rocketmq/store"
+    if [ -d "$store" ]; then
+        printf 'rocketmq store      %s\n' "$(df -h --output=source,size,used,avail,pcent "$store" | tail -1)"
+    fi
 }
 
 cmd=${1:-}

@@ -501,6 +501,7 @@ struct Inner {
     client: tokio::sync::Mutex<Option<Arc<Client>>>,
     consuming: AtomicBool,
     counters: Counters,
+    refusals: Arc<SendRefusals>,
 }
 
 impl std::fmt::Debug for RocketTrigger {
@@ -519,7 +520,63 @@ fn transient(message: String) -> Error {
 }
 
 fn rocket_err(context: &str, e: rocketmq_client_rust::ClientError) -> Error {
-    Error::Store { backend: BACKEND, message: format!("{context}: {e}"), transient: true, source: Some(Box::new(e)) }
+    Error::Store { backend: BACKEND, message: format!("{context}: {}", describe(&e, None)), transient: true, source: Some(Box::new(e)) }
+}
+
+/// The client's error with what the broker answered, when it answered. The client's own
+/// `Display` of a broker failure is only "Broker operation failed": it keeps the response code
+/// but drops the broker's remark, which says why (`SYSTEM_BUSY` "store_backpressure
+/// reason=store_not_writeable", `SYSTEM_ERROR` "request queueId[…] is illegal", …). `refusals`
+/// has the remark of the last send the broker refused, added when its code matches.
+fn describe(e: &rocketmq_client_rust::ClientError, refusals: Option<&SendRefusals>) -> String {
+    let Some(code) = e.broker_response_code() else {
+        return e.to_string();
+    };
+    let at = e.broker_addr().map(|a| format!(" at {a}")).unwrap_or_default();
+    let remark = match refusals.and_then(SendRefusals::last) {
+        Some((c, remark)) if c == code && !remark.is_empty() => format!(": {remark}"),
+        _ => String::new(),
+    };
+    format!("{e} (broker{at} answered code {code}{remark})")
+}
+
+/// Request codes of the sends ([`SendRefusals`] looks at their answers only).
+const SEND_REQUEST_CODES: [i32; 3] = [10, 310, 320]; // SEND_MESSAGE, SEND_MESSAGE_V2, SEND_BATCH_MESSAGE
+
+/// The producer's RPC hook: keeps the code and remark of the last send the broker refused, so
+/// an error can say why ([`describe`]). It never fails a request.
+#[derive(Default)]
+struct SendRefusals(std::sync::Mutex<Option<(i32, String)>>);
+
+impl SendRefusals {
+    fn last(&self) -> Option<(i32, String)> {
+        self.0.lock().map(|g| g.clone()).unwrap_or(None)
+    }
+}
+
+impl rocketmq_transport::api::RPCHook for SendRefusals {
+    fn do_before_request(
+        &self,
+        _: std::net::SocketAddr,
+        _: &mut rocketmq_protocol::RemotingCommand,
+    ) -> std::result::Result<(), rocketmq_error::SharedError> {
+        Ok(())
+    }
+
+    fn do_after_response(
+        &self,
+        _: std::net::SocketAddr,
+        request: &rocketmq_protocol::RemotingCommand,
+        response: &mut rocketmq_protocol::RemotingCommand,
+    ) -> std::result::Result<(), rocketmq_error::SharedError> {
+        if SEND_REQUEST_CODES.contains(&request.code()) && response.code() != 0 {
+            let remark = response.remark().map(|r| r.to_string()).unwrap_or_default();
+            if let Ok(mut last) = self.0.lock() {
+                *last = Some((response.code(), remark));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A process-wide counter that makes every client's instance name unique: RocketMQ tells
@@ -560,6 +617,7 @@ impl RocketTrigger {
                 client: tokio::sync::Mutex::new(None),
                 consuming: AtomicBool::new(false),
                 counters: Counters::default(),
+                refusals: Arc::new(SendRefusals::default()),
             }),
         }
     }
@@ -638,6 +696,7 @@ impl RocketTrigger {
             .client_config(self.client_config())
             .producer_group(self.inner.names.producer_group())
             .send_msg_timeout(SEND_TIMEOUT_MS as u32)
+            .rpc_hook(self.inner.refusals.clone())
             .build();
         let topic = self.inner.names.topic();
         let queues = self.inner.opts.queues;
@@ -734,16 +793,17 @@ impl RocketTrigger {
         let notices = items.len() as u64;
         let n = messages.len() as u64;
         let producer = client.producer.clone();
+        let refusals = self.inner.refusals.clone();
         let task = client.handle.spawn(async move {
             let results: Vec<std::result::Result<(), String>> = futures::stream::iter(messages)
                 .map(|m| {
-                    let p = producer.clone();
+                    let (p, refusals) = (producer.clone(), refusals.clone());
                     async move {
                         match p.send_with_timeout(m, SEND_TIMEOUT_MS).await {
                             Ok(Some(r)) if r.send_status == SendStatus::SendOk => Ok(()),
                             Ok(Some(r)) => Err(format!("the broker answered {:?}, not SEND_OK", r.send_status)),
                             Ok(None) => Err("the client returned no send result".to_owned()),
-                            Err(e) => Err(e.to_string()),
+                            Err(e) => Err(describe(&e, Some(&refusals))),
                         }
                     }
                 })
@@ -822,7 +882,7 @@ impl RocketTrigger {
             let Some(mq) = first.or_else(|| queues.first().cloned()) else {
                 return Err(format!("no route to the topic {topic} yet"));
             };
-            c.max_offset(&mq).await.map(|_| queues).map_err(|e| e.to_string())
+            c.max_offset(&mq).await.map(|_| queues).map_err(|e| describe(&e, None))
         });
         match tokio::time::timeout(PROBE_TIMEOUT, task).await {
             Ok(Ok(Ok(queues))) => {
@@ -1116,6 +1176,34 @@ impl ExternalTrigger for RocketTrigger {
 mod tests {
     use super::*;
     use overdue_core::NOTICES_PER_MESSAGE;
+
+    #[test]
+    fn a_refused_send_is_described_with_the_brokers_code_and_remark() {
+        use rocketmq_protocol::RemotingCommand;
+        use rocketmq_transport::api::RPCHook;
+        let addr: std::net::SocketAddr = "127.0.0.1:10911".parse().expect("addr");
+        let hook = SendRefusals::default();
+        let refused = || rocketmq_client_rust::ClientError::broker_operation_failed("BROKER_OPERATION", 2, "hidden");
+        // Before any refusal: the code only.
+        let plain = describe(&refused(), Some(&hook));
+        assert!(plain.ends_with("(broker answered code 2)"), "{plain}");
+
+        // A refused send (SEND_MESSAGE_V2) is kept; other requests' answers are not.
+        let send = RemotingCommand::create_remoting_command(310);
+        let mut busy = RemotingCommand::create_response_command_with_code_remark(2, "store_backpressure reason=store_not_writeable");
+        hook.do_after_response(addr, &send, &mut busy).expect("the hook never fails a request");
+        let mut other = RemotingCommand::create_response_command_with_code_remark(2, "not a send");
+        hook.do_after_response(addr, &RemotingCommand::create_remoting_command(105), &mut other).expect("hook");
+        let why = describe(&refused(), Some(&hook));
+        assert!(why.contains("answered code 2: store_backpressure reason=store_not_writeable"), "{why}");
+
+        // A remark of another code is not pinned on this error; no code means no broker answer.
+        let other_code = rocketmq_client_rust::ClientError::broker_operation_failed("BROKER_OPERATION", 1, "x");
+        assert!(describe(&other_code, Some(&hook)).ends_with("(broker answered code 1)"));
+        let mut ok = RemotingCommand::create_response_command_with_code(0);
+        hook.do_after_response(addr, &send, &mut ok).expect("hook");
+        assert_eq!(hook.last().map(|(c, _)| c), Some(2), "a success does not clear the last refusal");
+    }
 
     #[test]
     fn levels_pick_the_largest_level_that_fits() {
