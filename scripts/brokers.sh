@@ -146,7 +146,7 @@ start_rocketmq() {
 # only as "Broker operation failed") while its store's file system is more than 90 % used,
 # counted as (size - available) / size; the limit cannot be raised (rocketmq-store clamps
 # diskSpaceWarningLevelRatio to 90). On these VMs the root file system reports 252 GB but has
-# only what the host has left available (43 GB, seen falling to under 1 GB), so a second
+# only what the host has left available (79 GB, then 15 GB within two hours on 2026-12-03; seen under 1 GB), so a second
 # cargo target directory can push it over 90 % and the broker stops taking messages in the
 # middle of a test run. So the store gets a tmpfs of its own, whose use is the broker's alone:
 # ROCKETMQ_STORE_SIZE (default 12g; the store after a full CI run is a few GB, mostly
