@@ -149,7 +149,7 @@ start_rocketmq() {
 # only what the host has left available (79 GB, then 15 GB within two hours on 2026-12-03; seen under 1 GB), so a second
 # cargo target directory can push it over 90 % and the broker stops taking messages in the
 # middle of a test run. So the store gets a tmpfs of its own, whose use is the broker's alone:
-# ROCKETMQ_STORE_SIZE (default 12g; the store after a full CI run is a few GB, mostly
+# ROCKETMQ_STORE_SIZE (default 12g; the store after a full CI run held 1.8 GB, mostly
 # preallocated 1 GiB commit-log and 6 MB consume-queue files). Without the rights to mount,
 # the store stays on the disk and the script says how full the disk counts as.
 ROCKETMQ_STORE_SIZE="${ROCKETMQ_STORE_SIZE:-12g}"
