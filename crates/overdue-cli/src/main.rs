@@ -48,7 +48,24 @@ enum Command {
     NodeWorker(node_worker::NodeArgs),
 }
 
+/// Sets the broker clients' settings that only the environment can carry
+/// (`overdue_rocketmq::CLIENT_ENVIRONMENT`), unless the user set them.
+fn set_client_environment() {
+    #[cfg(feature = "rocketmq")]
+    for (name, value) in overdue::rocketmq::CLIENT_ENVIRONMENT {
+        if std::env::var_os(name).is_none() {
+            // SAFETY: the first statement of `main`: no other thread exists yet that could
+            // read the environment while it changes.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::env::set_var(name, value)
+            };
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    set_client_environment();
     let cli = Cli::parse();
     util::init_tracing();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -28,12 +28,13 @@
 //! - **`mode=timer`**: the broker's `timerPrecisionMs` (100 ms in `scripts/brokers.sh`, 1 s by
 //!   default in RocketMQ). rocketmq-rust 1.0.0 delivers a timer message on the first check of
 //!   its wheel after the deliver time (it checks every 100 ms at best) and skips a check while
-//!   newer timer messages wait to be indexed, so under a steady stream a message comes several
-//!   checks late (p99 552-619 ms at 20,000 timers/s). A message's delay is rounded down to
-//!   [`TIMER_SLOT_MS`] (less `lead_ms` if set, off by default: [`DEFAULT_TIMER_LEAD_MS`]), and
-//!   the engine holds notices that arrive up to 2 s early until they are due (each group of
-//!   them at its own due time), so nothing fires early. The broker refuses a delay longer
-//!   than `timerMaxDelaySec` (RocketMQ's default is 3 days, 259 200 s; [`DEFAULT_MAX_TIMER_DELAY_MS`]):
+//!   newer timer messages wait to be indexed, so under a steady stream a message comes one to
+//!   three checks late (up to ~250 ms at 20,000 timers/s here). So each message is published
+//!   `lead_ms` ahead ([`DEFAULT_TIMER_LEAD_MS`], 300 ms) with its delay rounded down to
+//!   [`TIMER_SLOT_MS`], and the engine holds notices that arrive up to 2 s early until they are
+//!   due (each group of them at its own due time): nothing fires early, and the broker's
+//!   lateness is absorbed by the lead (p99 4-71 ms at 20,000 timers/s, `docs/rocketmq.md`).
+//!   The broker refuses a delay longer than `timerMaxDelaySec` (RocketMQ's default is 3 days, 259 200 s; [`DEFAULT_MAX_TIMER_DELAY_MS`]):
 //!   a longer delay is published for the maximum (the URL's `max_delay_ms`, which must not exceed
 //!   the broker's), comes back early, the engine answers [`Delivery::Early`] and the consumer
 //!   publishes it again for the delay left — a *hop*. A 30-day timer takes 10 hops.
@@ -64,8 +65,9 @@
 //! message index.
 //!
 //! The push consumer hands batches of up to [`CONSUME_BATCH`] messages to
-//! [`DueSink::deliver`] ([`CONSUME_THREADS`] batches at once) and answers the broker only when
-//! every notice of the batch is settled: [`Delivery::Ack`] needs nothing more; for
+//! [`DueSink::deliver`] ([`CONSUME_THREADS`] batches at once; a batch that arrived early holds
+//! its thread until it is due) and answers the broker only when every notice of the batch is
+//! settled: [`Delivery::Ack`] needs nothing more; for
 //! [`Delivery::Early`] the notice is published again for the rest of its delay, and for
 //! [`Delivery::Redeliver`] (the engine is stopping, or another node holds the claim) it is
 //! published again with a delay of [`REDELIVER_DELAY_MS`]. Once those re-publications are
@@ -78,11 +80,13 @@
 //! - A published message cannot be withdrawn: cancel and reschedule work by the generation
 //!   fence (a stale notice is dropped when it arrives and counted in the engine's
 //!   `stale_dropped`).
-//! - Throughput of due timers is the broker's: rocketmq-rust 1.0.0's timer wheel released a
-//!   burst of 10,000 timers due at one instant at ~460-630 /s here (delay levels ~700 /s), while
-//!   undelayed notices are consumed as fast as they are published (~1,450 /s). Timers coming due
-//!   faster than that fall behind, and the backstop fires what is overdue by its slack (see
-//!   `docs/rocketmq.md`, `examples/rocketmq_drain_rate.rs`, `examples/rocketmq_fire_rate.rs`).
+//! - Throughput of due timers is the broker's, counted in messages: rocketmq-rust 1.0.0's timer
+//!   wheel released a burst of 10,000 messages due at one instant at ~460-630 /s here (delay
+//!   levels ~700 /s; undelayed ones ~1,450 /s). Packing (above) puts up to 128 notices in one
+//!   message, so a steady 20,000-40,000 timers/s comes through the broker; notices coming due
+//!   faster than the broker releases their messages fall behind, and the backstop fires what is
+//!   overdue by its slack (see `docs/rocketmq.md`, `examples/rocketmq_drain_rate.rs`,
+//!   `examples/rocketmq_fire_rate.rs`).
 //! - Offsets are committed to the broker every [`OFFSET_PERSIST_MS`]: a node killed before
 //!   that has its last consumed notices delivered again to the node that takes over its queues;
 //!   they arrive done or stale and are dropped.
@@ -164,8 +168,11 @@ pub const MAX_QUEUES: i32 = 64;
 /// Most messages handed to [`DueSink::deliver`] in one call (the push consumer's
 /// `consumeMessageBatchMaxSize`, and its pull batch).
 pub const CONSUME_BATCH: u32 = 32;
-/// Batches delivered at once per node (the push consumer's consume threads).
-pub const CONSUME_THREADS: u32 = 4;
+/// Batches delivered at once per node (the push consumer's consume threads). A batch that
+/// arrived `lead_ms` early holds its thread until it is due, so at 20,000 timers/s 4 threads
+/// were the limit (new messages waited for a thread until just before they were due); 16 leave
+/// room (docs/rocketmq.md).
+pub const CONSUME_THREADS: u32 = 16;
 /// Sends in flight at once while publishing a batch.
 pub const PUBLISH_CONCURRENCY: usize = 64;
 /// Delay of a notice published again after a `Redeliver` answer.
@@ -216,17 +223,31 @@ pub enum Mode {
 /// [`RocketTrigger::pack`]): the broker's timer precision in `scripts/brokers.sh`.
 pub const TIMER_SLOT_MS: i64 = 100;
 
-/// `mode=timer` can publish each timer message ahead of its notices' due time (the URL's
-/// `lead_ms`); the engine holds what arrives early until it is due (up to 2 s). Off by default:
-/// rocketmq-rust 1.0.0 checks its timer wheel every 100 ms but skips a check while timer
-/// messages wait to be indexed, so a due message comes several checks late; a lead of 500 ms
-/// moved p50 from 77 to 3 ms but not p99 (552 → 554 ms at 20,000 timers/s, 16 consumer
-/// threads; `docs/benchmarks.md`). A held message blocks a consumer thread until it is due,
-/// which is the likely reason (not isolated).
-pub const DEFAULT_TIMER_LEAD_MS: i64 = 0;
+/// How far ahead of its notices' due time `mode=timer` publishes a timer message (the URL's
+/// `lead_ms`); the engine holds what arrives early until it is due (up to 2 s). rocketmq-rust
+/// 1.0.0 checks its timer wheel every 100 ms but skips a check while timer messages wait to be
+/// indexed, so a due message comes one to three checks late (up to ~250 ms here at 20,000
+/// timers/s). `overdue bench … --rate 20000` (docs/rocketmq.md): lateness p99 211-284 ms with
+/// no lead, 4-71 ms with 300 ms, 32-193 ms with 500 ms (a longer lead holds the consume
+/// threads longer).
+pub const DEFAULT_TIMER_LEAD_MS: i64 = 300;
 /// The largest `lead_ms`: below the engine's 2 s early hold by more than one timer slot, so a
 /// notice published ahead of time is always held, never sent round again.
 pub const MAX_TIMER_LEAD_MS: i64 = 1_500;
+
+/// Settings the RocketMQ client reads from the process environment (only there: its builders
+/// take no such option) when its first client instance starts; the `overdue` binary sets each
+/// one that is not set already, first thing in `main`, before any thread exists.
+///
+/// `rocketmq.client.rebalance.minInterval` (the client's default: 1,000 ms): the client's
+/// rebalance service runs no rebalance sooner than this after the last one, and counts from its
+/// own start, so a new consumer takes its queues, and pulls, only a second after it starts. At
+/// 20,000 timers/s the timers due in that first second came 0.4-0.7 s late, which was the p99
+/// of `overdue bench` (docs/rocketmq.md, "Starting a consumer"). At 100 ms a consumer pulls
+/// within a few ms of its start, and a node joining or leaving is rebalanced within 100 ms.
+/// A program embedding this crate sets it itself, or gets the client's default.
+pub const CLIENT_ENVIRONMENT: [(&str, &str); 1] = [(REBALANCE_MIN_INTERVAL, "100")];
+const REBALANCE_MIN_INTERVAL: &str = "rocketmq.client.rebalance.minInterval";
 
 /// How one notice is published: how long the broker holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -381,6 +402,9 @@ impl RocketOptions {
         // (`pack` applies the lead in timer mode only.)
         if opts.mode == Mode::Levels && lead_given {
             return Err(bad("lead_ms applies to mode=timer only (delay levels arrive up to 2 s early by design)".into()));
+        }
+        if opts.mode == Mode::Levels {
+            opts.lead_ms = 0;
         }
         Ok(opts)
     }
@@ -831,6 +855,14 @@ impl RocketTrigger {
 
     /// Starts a push consumer whose listener hands batches to `jobs`.
     async fn start_consumer(&self, client: &Client, jobs: tokio::sync::mpsc::UnboundedSender<Job>) -> Result<Consumer> {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        if std::env::var_os(REBALANCE_MIN_INTERVAL).is_none() {
+            WARNED.call_once(|| {
+                tracing::info!(
+                    "rocketmq trigger: {REBALANCE_MIN_INTERVAL} is not set, so a new consumer takes its queues only a second after it starts (see overdue_rocketmq::CLIENT_ENVIRONMENT)"
+                )
+            });
+        }
         let mut consumer = DefaultMQPushConsumer::builder(client.runtime.clone())
             .client_config(self.client_config())
             .consumer_group(self.inner.names.group())

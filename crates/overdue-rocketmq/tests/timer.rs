@@ -254,12 +254,25 @@ async fn two_nodes_share_the_group_and_a_stopped_node_hands_its_queues_over() {
         async move { t.consume(s).await }
     });
     until("both consumers are consuming", Duration::from_secs(20), || ta.consuming() && tb.consuming()).await;
-    // Let the group settle: both consumers registered, the queues split between them.
-    let probe = notices("probe-", 64, 0);
-    ta.publish(&probe, SystemClock.now_ms()).await.expect("publish");
-    until("the probes arrived", Duration::from_secs(20), || sa.keys().len() + sb.keys().len() >= 64).await;
+    // Let the group settle until both consumers hold queues: one probe per message (a publish
+    // packs what takes the same hop into one message, which lands on one queue), the producer
+    // going round the queues, until each node has received one.
+    let settle = tokio::time::Instant::now();
+    for i in 0.. {
+        assert!(settle.elapsed() < Duration::from_secs(30), "the group did not settle: a {:?} b {:?}", ta.stats(), tb.stats());
+        let probed = |s: &Recording| s.keys().iter().any(|k| k.starts_with("probe-"));
+        if probed(&sa) && probed(&sb) {
+            break;
+        }
+        ta.publish(&notices(&format!("probe-{i}-"), 1, 0), SystemClock.now_ms()).await.expect("publish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Due times 100 ms apart, so the notices travel in 10 messages: 10 queues in turn, more
+    // than the 8 of the topic, so both nodes' queues get some.
     let now = SystemClock.now_ms();
-    ta.publish(&notices("k", N, now + 1_000), now).await.expect("publish");
+    let spread: Vec<TimerRef> =
+        notices("k", N, 0).into_iter().enumerate().map(|(i, t)| TimerRef { due_at: now + 1_000 + (i as i64 % 10) * 100, ..t }).collect();
+    ta.publish(&spread, now).await.expect("publish");
     let count = |p: &str, s: &Recording| s.keys().iter().filter(|k| k.starts_with(p)).count();
     until("every notice arrived", Duration::from_secs(20), || count("k", &sa) + count("k", &sb) >= N).await;
     let mut all: Vec<String> = sa.keys().into_iter().chain(sb.keys()).filter(|k| k.starts_with('k')).collect();
