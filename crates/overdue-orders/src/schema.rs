@@ -131,6 +131,39 @@ CREATE TABLE IF NOT EXISTS order_timer_outbox (
 ) ENGINE = InnoDB;
 ";
 
+/// Version 3 (SQLite only; the other dialects record an empty step so the versions stay in
+/// step): `orders` rebuilt with its status check written as `status = … OR …`. SQLite
+/// evaluates `status IN (8 values)` by building an ephemeral table on every row it checks,
+/// i.e. on every order insert and status change: ~12 % of the writer thread's instructions in
+/// `overdue bench orders` (docs/benchmarks.md). The rebuild copies every order once (the
+/// documented procedure for changing a constraint; foreign keys are off on this store, and
+/// `order_items` / `order_events` keep naming `orders`, which is the new table once renamed).
+const SQLITE_V3: &str = "
+CREATE TABLE orders_v3 (
+    id           TEXT PRIMARY KEY NOT NULL,
+    buyer        TEXT NOT NULL,
+    status       TEXT NOT NULL CHECK (status = 'pending_payment' OR status = 'paid' OR status = 'shipped'
+                     OR status = 'completed' OR status = 'closed' OR status = 'refund_requested'
+                     OR status = 'refunded' OR status = 'refund_rejected'),
+    total_cents  INTEGER NOT NULL CHECK (total_cents >= 0),
+    pay_deadline INTEGER NOT NULL,
+    created_at   INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    version      INTEGER NOT NULL,
+    close_reason TEXT
+) STRICT, WITHOUT ROWID;
+INSERT INTO orders_v3 (id, buyer, status, total_cents, pay_deadline, created_at, updated_at, version, close_reason)
+    SELECT id, buyer, status, total_cents, pay_deadline, created_at, updated_at, version, close_reason FROM orders;
+DROP TABLE orders;
+ALTER TABLE orders_v3 RENAME TO orders;
+CREATE INDEX orders_status_id ON orders (status, id);
+CREATE INDEX orders_buyer_id ON orders (buyer, id);
+";
+/// PostgreSQL and MySQL evaluate an `IN` list check without building anything: nothing to
+/// change, but the step is recorded so every dialect has the same versions.
+const POSTGRES_V3: &str = "SELECT 1";
+const MYSQL_V3: &str = "DO 0";
+
 const POSTGRES_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS order_schema_version (
     version    INTEGER PRIMARY KEY,
     name       TEXT NOT NULL,
@@ -261,12 +294,22 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 const V1: &str = "orders, stock, events, outbox";
 const V2: &str = "timer outbox";
-const SQLITE: &[Migration] =
-    &[Migration { version: 1, name: V1, sql: SQLITE_V1 }, Migration { version: 2, name: V2, sql: SQLITE_V2 }];
-const POSTGRES: &[Migration] =
-    &[Migration { version: 1, name: V1, sql: POSTGRES_V1 }, Migration { version: 2, name: V2, sql: POSTGRES_V2 }];
-const MYSQL: &[Migration] =
-    &[Migration { version: 1, name: V1, sql: MYSQL_V1 }, Migration { version: 2, name: V2, sql: MYSQL_V2 }];
+const V3: &str = "orders status check without IN";
+const SQLITE: &[Migration] = &[
+    Migration { version: 1, name: V1, sql: SQLITE_V1 },
+    Migration { version: 2, name: V2, sql: SQLITE_V2 },
+    Migration { version: 3, name: V3, sql: SQLITE_V3 },
+];
+const POSTGRES: &[Migration] = &[
+    Migration { version: 1, name: V1, sql: POSTGRES_V1 },
+    Migration { version: 2, name: V2, sql: POSTGRES_V2 },
+    Migration { version: 3, name: V3, sql: POSTGRES_V3 },
+];
+const MYSQL: &[Migration] = &[
+    Migration { version: 1, name: V1, sql: MYSQL_V1 },
+    Migration { version: 2, name: V2, sql: MYSQL_V2 },
+    Migration { version: 3, name: V3, sql: MYSQL_V3 },
+];
 
 /// The databases the order tables are written for. Only SQLite runs the order service today;
 /// the PostgreSQL and MySQL steps are kept beside it so the three stay in step.
@@ -372,11 +415,54 @@ mod tests {
     }
 
     #[test]
+    fn step_3_keeps_every_order_and_still_refuses_an_unknown_status() {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute(SQLITE_VERSION_TABLE, []).expect("version table");
+        for m in &SQLITE[..2] {
+            conn.execute_batch(m.sql).expect("old step");
+            conn.execute("INSERT INTO order_schema_version VALUES (?1, ?2, 0)", params![m.version, m.name]).expect("record");
+        }
+        for (id, status) in [("o1", "pending_payment"), ("o2", "closed"), ("o3", "refund_rejected")] {
+            conn.execute(
+                "INSERT INTO orders VALUES (?1, 'b', ?2, 100, 5, 1, 2, 3, NULL)",
+                params![id, status],
+            )
+            .expect("order");
+        }
+        assert_eq!(migrate_sqlite(&conn, 9).expect("migrate"), 2);
+        let rows: Vec<(String, String, i64)> = conn
+            .prepare("SELECT id, status, version FROM orders ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .expect("query")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        assert_eq!(
+            rows,
+            vec![("o1".into(), "pending_payment".into(), 3), ("o2".into(), "closed".into(), 3), ("o3".into(), "refund_rejected".into(), 3)]
+        );
+        let bad = conn.execute("INSERT INTO orders VALUES ('o4', 'b', 'lost', 100, 5, 1, 2, 3, NULL)", []);
+        assert!(bad.expect_err("unknown status").to_string().contains("CHECK"));
+        conn.execute("UPDATE orders SET status = 'paid' WHERE id = 'o1'", []).expect("a known status");
+        let sql: String = conn.query_row("SELECT sql FROM sqlite_master WHERE name = 'orders'", [], |r| r.get(0)).expect("sql");
+        assert!(!sql.contains(" IN ("), "{sql}");
+        let indexes: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'orders' AND name IN ('orders_status_id', 'orders_buyer_id')",
+                [],
+                |r| r.get(0),
+            )
+            .expect("indexes");
+        assert_eq!(indexes, 2);
+        assert!(!conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'orders_v3'", [], |r| r.get::<_, i64>(0)).map(|n| n > 0).expect("gone"));
+    }
+
+    #[test]
     fn sqlite_migration_applies_once_and_is_recorded() {
         let conn = Connection::open_in_memory().expect("open");
         assert_eq!(migrate_sqlite(&conn, 1).expect("first"), 0);
         assert_eq!(migrate_sqlite(&conn, 2).expect("second"), latest_version());
-        assert_eq!(applied_versions(&conn).expect("versions"), vec![1, 2]);
+        assert_eq!(applied_versions(&conn).expect("versions"), vec![1, 2, 3]);
         conn.execute("INSERT INTO order_schema_version VALUES (99, 'future', 3)", []).expect("future");
         let err = migrate_sqlite(&conn, 4).expect_err("newer schema is refused");
         assert!(err.to_string().contains("newer"), "{err}");
