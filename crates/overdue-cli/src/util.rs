@@ -7,8 +7,15 @@ use overdue::{Clock, SystemClock};
 
 /// Logs to stderr, `warn` and above unless `RUST_LOG` says otherwise.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Unless RUST_LOG says otherwise: warnings, but only errors from the RocketMQ client's
+    // crates. At every stop they warn in pages of JSON that their tasks "did not shut down
+    // cleanly" (the trigger drops the client's runtime without waiting out the client's own
+    // shutdown, see overdue_rocketmq's `close`), and about routes of topics not created yet;
+    // what matters to a user (the broker not answering, a send refused) the trigger itself
+    // reports, with the broker's answer.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,rocketmq_client_rust=error,rocketmq_transport=error,rocketmq_runtime=error")
+    });
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
