@@ -134,8 +134,8 @@ CREATE TABLE IF NOT EXISTS order_timer_outbox (
 /// Version 3 (SQLite only; the other dialects record an empty step so the versions stay in
 /// step): `orders` rebuilt with its status check written as `status = … OR …`. SQLite
 /// evaluates `status IN (8 values)` by building an ephemeral table on every row it checks,
-/// i.e. on every order insert and status change: ~12 % of the writer thread's instructions in
-/// `overdue bench orders` (docs/benchmarks.md). The rebuild copies every order once (the
+/// i.e. on every order insert and status change. The step cut the writer thread's instructions
+/// per order in `overdue bench orders` by 15 % (callgrind, docs/benchmarks.md). The rebuild copies every order once (the
 /// documented procedure for changing a constraint; foreign keys are off on this store, and
 /// `order_items` / `order_events` keep naming `orders`, which is the new table once renamed).
 const SQLITE_V3: &str = "

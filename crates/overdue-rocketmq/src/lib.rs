@@ -169,9 +169,9 @@ pub const MAX_QUEUES: i32 = 64;
 /// `consumeMessageBatchMaxSize`, and its pull batch).
 pub const CONSUME_BATCH: u32 = 32;
 /// Batches delivered at once per node (the push consumer's consume threads). A batch that
-/// arrived `lead_ms` early holds its thread until it is due, so at 20,000 timers/s 4 threads
-/// were the limit (new messages waited for a thread until just before they were due); 16 leave
-/// room (docs/rocketmq.md).
+/// arrived `lead_ms` early holds its thread until it is due, so 16 rather than 4, for room. The
+/// bench does not separate the two (p99 57 ms with 4 threads in one run, 4-71 ms with 16 in
+/// five; docs/rocketmq.md): a choice made for headroom, not a measured gain.
 pub const CONSUME_THREADS: u32 = 16;
 /// Sends in flight at once while publishing a batch.
 pub const PUBLISH_CONCURRENCY: usize = 64;
@@ -242,7 +242,8 @@ pub const MAX_TIMER_LEAD_MS: i64 = 1_500;
 /// `rocketmq.client.rebalance.minInterval` (the client's default: 1,000 ms): the client's
 /// rebalance service runs no rebalance sooner than this after the last one, and counts from its
 /// own start, so a new consumer takes its queues, and pulls, only a second after it starts. At
-/// 20,000 timers/s the timers due in that first second came 0.4-0.7 s late, which was the p99
+/// 20,000 timers/s the timers due in its first 250 ms came a median 480 ms late (up to 660 ms),
+/// which was the p99
 /// of `overdue bench` (docs/rocketmq.md, "Starting a consumer"). At 100 ms the bench's first
 /// due message was taken 4 ms after the broker stored it. (By the client's source, a rebalance
 /// asked for when a node joins or leaves then also waits at most 100 ms; not measured. Its
