@@ -54,14 +54,14 @@ const RELAY_CANCELS_IN_FLIGHT: usize = 64;
 
 /// Schedules `specs` where `home` says; the refs to track (none for the outbox: the relay
 /// tracks what it applied). `or_fail`: fail the write on an invalid timer (an order's own).
-fn schedule(ctx: &mut WriteCtx<'_>, home: TimerHome, specs: &[TimerSpec], now: i64, or_fail: bool) -> overdue::Result<Vec<TimerRef>> {
+fn schedule(ctx: &mut WriteCtx<'_, '_>, home: TimerHome, specs: &[TimerSpec], now: i64, or_fail: bool) -> overdue::Result<Vec<TimerRef>> {
     match home {
         TimerHome::Here => {
             let generations = if or_fail { ctx.schedule_or_fail(specs, now)? } else { ctx.schedule(specs, now)? };
             Ok(specs.iter().zip(generations).map(|(s, g)| timer_ref(&s.queue, &s.key, g, s.due_at)).collect())
         }
         TimerHome::Outbox => {
-            let mut insert = ctx.connection().prepare_cached(sql::TIMER_OUTBOX_INSERT).store_err("write timer outbox")?;
+            let mut insert = ctx.prepare(sql::TIMER_OUTBOX_INSERT).store_err("write timer outbox")?;
             for s in specs {
                 insert.execute(params!["schedule", s.queue, s.key, s.due_at, now]).store_err("write timer outbox")?;
             }
@@ -71,12 +71,11 @@ fn schedule(ctx: &mut WriteCtx<'_>, home: TimerHome, specs: &[TimerSpec], now: i
 }
 
 /// Cancels a timer where `home` says.
-fn cancel(ctx: &mut WriteCtx<'_>, home: TimerHome, queue: &str, key: &str, now: i64) -> overdue::Result<()> {
+fn cancel(ctx: &mut WriteCtx<'_, '_>, home: TimerHome, queue: &str, key: &str, now: i64) -> overdue::Result<()> {
     match home {
         TimerHome::Here => ctx.cancel(queue, key).map(|_| ()),
         TimerHome::Outbox => ctx
-            .connection()
-            .prepare_cached(sql::TIMER_OUTBOX_INSERT)
+            .prepare(sql::TIMER_OUTBOX_INSERT)
             .and_then(|mut s| s.execute(params!["cancel", queue, key, Option::<i64>::None, now]))
             .map(|_| ())
             .store_err("write timer outbox"),
@@ -166,8 +165,7 @@ impl SqliteDb {
             .await?;
         self.store
             .write(move |ctx| {
-                ctx.connection()
-                    .prepare_cached(sql::TIMER_OUTBOX_DONE)
+                ctx.prepare(sql::TIMER_OUTBOX_DONE)
                     .and_then(|mut s| s.execute([last]))
                     .store_err("clear timer outbox")
             })
@@ -187,7 +185,7 @@ impl SqliteDb {
 /// Applies `mv` to order `id` inside a write closure. Writes nothing unless the order matched.
 #[allow(clippy::too_many_arguments)]
 fn apply(
-    ctx: &mut WriteCtx<'_>,
+    ctx: &mut WriteCtx<'_, '_>,
     home: TimerHome,
     id: &str,
     mv: &Move,
@@ -197,8 +195,8 @@ fn apply(
     with_items: bool,
 ) -> overdue::Result<Applied> {
     let conn = ctx.connection();
-    let changed = conn
-        .prepare_cached(sql::TRANSITION)
+    let changed = ctx
+        .prepare(sql::TRANSITION)
         .and_then(|mut s| {
             s.execute(params![id, mv.to, now, mv.close_reason, mv.from[0], mv.from[1], i64::from(mv.before_deadline)])
         })
@@ -207,14 +205,14 @@ fn apply(
         None
     } else {
         Some(
-            conn.prepare_cached(sql::SELECT_ORDER)
+            ctx.prepare(sql::SELECT_ORDER)
                 .and_then(|mut s| s.query_row([id], read::order_row))
                 .store_err(mv.action)?,
         )
     };
     let Some(mut order) = moved else {
-        let state = conn
-            .prepare_cached(sql::ORDER_STATE)
+        let state = ctx
+            .prepare(sql::ORDER_STATE)
             .and_then(|mut s| s.query_row([id], |r| Ok((r.get::<_, OrderStatus>(0)?, r.get::<_, i64>(1)?))).optional())
             .store_err(mv.action)?;
         return Ok(match state {
@@ -222,12 +220,12 @@ fn apply(
             None => Applied::Missing,
         });
     };
-    conn.prepare_cached(sql::INSERT_EVENT)
+    ctx.prepare(sql::INSERT_EVENT)
         .and_then(|mut s| s.execute(params![id, mv.event, now, cause.source, cause.detail]))
         .store_err("record order event")?;
     let items = if mv.release_stock || with_items { read::items(conn, id)? } else { Vec::new() };
     if mv.release_stock {
-        let mut release = conn.prepare_cached(sql::RELEASE_STOCK).store_err("release stock")?;
+        let mut release = ctx.prepare(sql::RELEASE_STOCK).store_err("release stock")?;
         for it in &items {
             release.execute(params![it.product_id, it.quantity]).store_err("release stock")?;
         }
@@ -281,8 +279,7 @@ impl OrderDb for SqliteDb {
                 let now = clock.now_ms();
                 let id = p.id.clone().unwrap_or_else(|| new_id("p", now));
                 let inserted = ctx
-                    .connection()
-                    .prepare_cached(sql::INSERT_PRODUCT)
+                    .prepare(sql::INSERT_PRODUCT)
                     .and_then(|mut s| s.execute(params![id, p.name, p.price_cents, p.stock, now]))
                     .store_err("insert product")?;
                 if inserted == 0 {
@@ -301,16 +298,15 @@ impl OrderDb for SqliteDb {
         let single_line = o.items.len() == 1;
         let (pay_timeout, remind_before) = (plan.pay_timeout_ms, plan.remind_before_ms);
         let home = self.home;
-        let job = move |ctx: &mut WriteCtx<'_>| {
+        let job = move |ctx: &mut WriteCtx<'_, '_>| {
                 let now = clock.now_ms();
                 let id = new_id("o", now);
                 let deadline = now.saturating_add(pay_timeout);
-                let conn = ctx.connection();
                 let mut items = Vec::with_capacity(o.items.len());
                 let mut total: i64 = 0;
                 {
-                    let mut reserve = conn.prepare_cached(sql::RESERVE_STOCK).store_err("reserve stock")?;
-                    let mut price_of = conn.prepare_cached(sql::PRODUCT_PRICE).store_err("reserve stock")?;
+                    let mut reserve = ctx.prepare(sql::RESERVE_STOCK).store_err("reserve stock")?;
+                    let mut price_of = ctx.prepare(sql::PRODUCT_PRICE).store_err("reserve stock")?;
                     for line in &o.items {
                         let reserved = reserve.execute(params![line.product_id, line.quantity]).store_err("reserve stock")?;
                         let price = if reserved == 0 {
@@ -319,8 +315,8 @@ impl OrderDb for SqliteDb {
                             Some(price_of.query_row([&line.product_id], |r| r.get::<_, i64>(0)).store_err("reserve stock")?)
                         };
                         let Some(price) = price else {
-                            let available = conn
-                                .prepare_cached(sql::PRODUCT_STOCK)
+                            let available = ctx
+                                .prepare(sql::PRODUCT_STOCK)
                                 .and_then(|mut s| s.query_row([&line.product_id], |r| r.get::<_, i64>(0)).optional())
                                 .store_err("read stock")?;
                             return Err(abort(match available {
@@ -339,16 +335,16 @@ impl OrderDb for SqliteDb {
                         items.push(OrderItem { product_id: line.product_id.clone(), quantity: line.quantity, price_cents: price });
                     }
                 }
-                conn.prepare_cached(sql::INSERT_ORDER)
+                ctx.prepare(sql::INSERT_ORDER)
                     .and_then(|mut s| s.execute(params![id, o.buyer, total, deadline, now]))
                     .store_err("insert order")?;
                 {
-                    let mut insert = conn.prepare_cached(sql::INSERT_ITEM).store_err("insert order item")?;
+                    let mut insert = ctx.prepare(sql::INSERT_ITEM).store_err("insert order item")?;
                     for it in &items {
                         insert.execute(params![id, it.product_id, it.quantity, it.price_cents]).store_err("insert order item")?;
                     }
                 }
-                conn.prepare_cached(sql::INSERT_EVENT)
+                ctx.prepare(sql::INSERT_EVENT)
                     .and_then(|mut s| s.execute(params![id, "created", now, SOURCE_API, Option::<String>::None]))
                     .store_err("record order event")?;
                 let specs = order_timers(&id, now, deadline, remind_before);
@@ -403,24 +399,23 @@ impl OrderDb for SqliteDb {
         self.store
             .write_without_savepoint(move |ctx| {
                 let now = clock.now_ms();
-                let conn = ctx.connection();
-                let target = conn
-                    .prepare_cached(sql::REMIND_TARGET)
+                let target = ctx
+                    .prepare(sql::REMIND_TARGET)
                     .and_then(|mut s| {
                         s.query_row(params![id, now], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))
                             .optional()
                     })
                     .store_err("read order for reminder")?;
                 let Some((buyer, pay_deadline, total_cents)) = target else { return Ok(false) };
-                let inserted = conn
-                    .prepare_cached(sql::INSERT_EVENT_ONCE)
+                let inserted = ctx
+                    .prepare(sql::INSERT_EVENT_ONCE)
                     .and_then(|mut s| s.execute(params![id, "reminded", now, source, Option::<String>::None]))
                     .store_err("record reminder")?;
                 if inserted == 0 {
                     return Ok(false);
                 }
                 let payload = reminder_payload(&id, &buyer, pay_deadline, total_cents);
-                conn.prepare_cached(sql::INSERT_OUTBOX)
+                ctx.prepare(sql::INSERT_OUTBOX)
                     .and_then(|mut s| s.execute(params![TOPIC_REMINDER, payload, now]))
                     .store_err("write reminder to the outbox")?;
                 Ok(true)
@@ -431,7 +426,7 @@ impl OrderDb for SqliteDb {
     async fn outbox_delivered(&self, ids: Vec<i64>, now: i64) -> Result<()> {
         self.store
             .write(move |ctx| {
-                let mut stmt = ctx.connection().prepare_cached(sql::OUTBOX_DELIVERED).store_err("ack outbox")?;
+                let mut stmt = ctx.prepare(sql::OUTBOX_DELIVERED).store_err("ack outbox")?;
                 for id in &ids {
                     stmt.execute(params![id, now]).store_err("ack outbox")?;
                 }
@@ -445,8 +440,7 @@ impl OrderDb for SqliteDb {
         self.store
             .write(move |ctx| {
                 let n = ctx
-                    .connection()
-                    .prepare_cached(sql::OUTBOX_FAILED)
+                    .prepare(sql::OUTBOX_FAILED)
                     .and_then(|mut s| s.execute([id]))
                     .store_err("count outbox failure")?;
                 if n == 0 {

@@ -35,6 +35,6 @@ pub mod sqlite;
 
 pub use dialect::Dialect;
 pub use sqlite::{
-    Durability, SqlResultExt, SqliteOptions, SqliteStats, SqliteStore, WriteCtx,
+    Durability, SqlResultExt, SqliteOptions, SqliteStats, SqliteStore, Stmt, WriteCtx,
     parse_url as parse_sqlite_url,
 };

@@ -30,6 +30,7 @@
 
 mod checkpoint;
 mod lock;
+mod prepared;
 mod read;
 mod schema;
 mod writer;
@@ -52,6 +53,7 @@ use tokio::sync::oneshot;
 pub use self::lock::lock_path;
 use self::read::ReadPool;
 use self::writer::{Job, Task, Writer};
+pub use self::prepared::Stmt;
 pub use self::writer::{MAX_MESSAGES_PER_COMMIT, MAX_ROWS_PER_COMMIT, WriteCtx};
 
 /// The backend name in errors and capabilities.
@@ -401,7 +403,7 @@ impl SqliteStore {
     /// back; the other writes of the group commit. Keep `f` short: the whole group waits for it.
     pub async fn write<T, F>(&self, f: F) -> Result<T>
     where
-        F: FnOnce(&mut WriteCtx<'_>) -> Result<T> + Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_, '_>) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
         self.submit(1, false, f).await
@@ -416,7 +418,7 @@ impl SqliteStore {
     /// fails with that error (the closure's own error for itself) — nothing half-done commits.
     pub async fn write_without_savepoint<T, F>(&self, f: F) -> Result<T>
     where
-        F: FnOnce(&mut WriteCtx<'_>) -> Result<T> + Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_, '_>) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
         self.submit(1, true, f).await
@@ -426,7 +428,7 @@ impl SqliteStore {
     /// set for closures that run exactly one SQL statement (they skip the savepoint).
     async fn submit<T, F>(&self, weight: usize, one_statement: bool, f: F) -> Result<T>
     where
-        F: FnOnce(&mut WriteCtx<'_>) -> Result<T> + Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_, '_>) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
         // With the outbox on, an upsert is two statements (the timer and its notice): they

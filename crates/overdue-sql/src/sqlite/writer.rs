@@ -37,6 +37,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::lock::ProcessLock;
+use super::prepared::{Prepared, Stmt};
 use super::{BACKEND, SqlResultExt, Stats, gen_out, sql_error};
 use crate::dialect::{Dialect, Queries};
 
@@ -59,7 +60,7 @@ pub(crate) trait Job: Send {
     /// change (the writer rolls back the whole group if such a job fails after changing rows).
     fn needs_savepoint(&self) -> bool;
     /// Runs the job inside its savepoint. Returns `false` if it failed and must be rolled back.
-    fn run(&mut self, ctx: &mut WriteCtx<'_>) -> bool;
+    fn run(&mut self, ctx: &mut WriteCtx<'_, '_>) -> bool;
     /// Sends the outcome: the job's own result if the transaction committed (`None`), else the
     /// transaction's failure (a job's own error wins over it).
     fn finish(self: Box<Self>, failure: Option<&TxFailure>);
@@ -85,7 +86,7 @@ impl<T, F> Task<T, F> {
 impl<T, F> Job for Task<T, F>
 where
     T: Send,
-    F: FnOnce(&mut WriteCtx<'_>) -> Result<T> + Send,
+    F: FnOnce(&mut WriteCtx<'_, '_>) -> Result<T> + Send,
 {
     fn weight(&self) -> usize {
         self.weight
@@ -95,7 +96,7 @@ where
         !self.one_statement
     }
 
-    fn run(&mut self, ctx: &mut WriteCtx<'_>) -> bool {
+    fn run(&mut self, ctx: &mut WriteCtx<'_, '_>) -> bool {
         let Some(f) = self.f.take() else { return false };
         let out = match catch_unwind(AssertUnwindSafe(|| f(ctx))) {
             Ok(out) => out,
@@ -192,45 +193,69 @@ pub(crate) struct Writer {
 
 impl Writer {
     /// The thread body: group-commit until every sender is gone.
-    pub(crate) fn run(mut self) {
-        while let Ok(first) = self.rx.recv() {
-            let mut weight = first.weight();
-            let mut batch = vec![first];
-            while batch.len() < MAX_MESSAGES_PER_COMMIT && weight < MAX_ROWS_PER_COMMIT {
-                match self.rx.try_recv() {
-                    Ok(job) => {
-                        weight += job.weight();
-                        batch.push(job);
+    pub(crate) fn run(self) {
+        let Writer { conn, generation, persisted, rx, stats, lock, outbox } = self;
+        {
+            // Dropped (its statements finalized) before the connection is closed.
+            let prepared = Prepared::new(&conn);
+            let mut group = Group { conn: &conn, prepared: &prepared, generation, persisted, stats: &stats, outbox };
+            while let Ok(first) = rx.recv() {
+                let mut weight = first.weight();
+                let mut batch = vec![first];
+                while batch.len() < MAX_MESSAGES_PER_COMMIT && weight < MAX_ROWS_PER_COMMIT {
+                    match rx.try_recv() {
+                        Ok(job) => {
+                            weight += job.weight();
+                            batch.push(job);
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
                 }
-            }
-            self.stats.dequeued.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            self.stats.largest_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
-            let failure = self.commit_group(&mut batch).err();
-            match &failure {
-                None => {
-                    self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats.dequeued.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                stats.largest_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
+                let failure = group.commit_group(&mut batch).err();
+                match &failure {
+                    None => {
+                        stats.commits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(f) => {
+                        stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(jobs = batch.len(), error = %f.message, "sqlite group commit failed");
+                    }
                 }
-                Some(f) => {
-                    self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(jobs = batch.len(), error = %f.message, "sqlite group commit failed");
+                for job in batch {
+                    job.finish(failure.as_ref());
                 }
-            }
-            for job in batch {
-                job.finish(failure.as_ref());
             }
         }
-        let Writer { conn, lock, .. } = self;
         if let Err((_, e)) = conn.close() {
             tracing::warn!(error = %e, "closing the sqlite write connection failed");
         }
         drop(lock);
     }
+}
+
+/// The writer thread's state while it runs: the connection and its kept statements.
+struct Group<'p, 'c> {
+    conn: &'c Connection,
+    prepared: &'p Prepared<'c>,
+    /// Largest generation handed out.
+    generation: i64,
+    /// Largest generation known to be committed in `meta`.
+    persisted: i64,
+    stats: &'p Stats,
+    outbox: bool,
+}
+
+impl Group<'_, '_> {
+    fn exec(&self, sql: &'static str) -> rusqlite::Result<()> {
+        self.prepared.get(sql)?.execute([])?;
+        Ok(())
+    }
 
     /// Runs one group in one transaction, each job in its own savepoint.
     fn commit_group(&mut self, batch: &mut [Box<dyn Job>]) -> std::result::Result<(), TxFailure> {
-        exec(&self.conn, "BEGIN IMMEDIATE").map_err(|e| TxFailure::from_sql("begin", &e))?;
+        self.exec("BEGIN IMMEDIATE").map_err(|e| TxFailure::from_sql("begin", &e))?;
         match self.run_jobs(batch) {
             Ok(()) => {}
             Err(f) => {
@@ -238,7 +263,7 @@ impl Writer {
                 return Err(f);
             }
         }
-        if let Err(e) = exec(&self.conn, "COMMIT") {
+        if let Err(e) = self.exec("COMMIT") {
             self.rollback();
             return Err(TxFailure::from_sql("commit", &e));
         }
@@ -250,11 +275,15 @@ impl Writer {
         for job in batch.iter_mut() {
             let savepoint = job.needs_savepoint();
             if savepoint {
-                exec(&self.conn, "SAVEPOINT overdue_job")
-                    .map_err(|e| TxFailure::from_sql("savepoint", &e))?;
+                self.exec("SAVEPOINT overdue_job").map_err(|e| TxFailure::from_sql("savepoint", &e))?;
             }
             let changes_before = self.conn.total_changes();
-            let ok = job.run(&mut WriteCtx { conn: &self.conn, generation: &mut self.generation, outbox: self.outbox });
+            let ok = job.run(&mut WriteCtx {
+                conn: self.conn,
+                prepared: self.prepared,
+                generation: &mut self.generation,
+                outbox: self.outbox,
+            });
             if self.conn.is_autocommit() {
                 // SQLite rolled the whole transaction back (I/O error, disk full, …) or a write
                 // closure ended it. Nothing of this group can be trusted to commit.
@@ -277,16 +306,14 @@ impl Writer {
             }
             if savepoint {
                 if !ok {
-                    exec(&self.conn, "ROLLBACK TO overdue_job")
-                        .map_err(|e| TxFailure::from_sql("rollback to savepoint", &e))?;
+                    self.exec("ROLLBACK TO overdue_job").map_err(|e| TxFailure::from_sql("rollback to savepoint", &e))?;
                 }
-                exec(&self.conn, "RELEASE overdue_job")
-                    .map_err(|e| TxFailure::from_sql("release savepoint", &e))?;
+                self.exec("RELEASE overdue_job").map_err(|e| TxFailure::from_sql("release savepoint", &e))?;
             }
         }
         if self.generation > self.persisted {
-            self.conn
-                .prepare_cached(Q.store_generation)
+            self.prepared
+                .get(Q.store_generation)
                 .and_then(|mut s| s.execute([self.generation]))
                 .map_err(|e| TxFailure::from_sql("store generation", &e))?;
         }
@@ -295,17 +322,11 @@ impl Writer {
 
     fn rollback(&self) {
         if !self.conn.is_autocommit()
-            && let Err(e) = exec(&self.conn, "ROLLBACK")
+            && let Err(e) = self.exec("ROLLBACK")
         {
             tracing::warn!(error = %e, "sqlite rollback failed");
         }
     }
-}
-
-/// Runs a parameterless statement through the statement cache.
-fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(sql)?.execute([])?;
-    Ok(())
 }
 
 /// Converts an API generation to the stored integer; `None` if it cannot be stored (and so
@@ -334,22 +355,36 @@ pub(crate) const OUTBOX_SELECT: &str =
 /// commits together or not at all. Never run `BEGIN`, `COMMIT`, `ROLLBACK` or `RELEASE` of an
 /// outer savepoint yourself: the transaction belongs to the whole group (the writer detects an
 /// ended transaction and fails the group). Nested `SAVEPOINT`s of your own are fine.
-pub struct WriteCtx<'a> {
-    conn: &'a Connection,
+pub struct WriteCtx<'a, 'c> {
+    conn: &'c Connection,
+    prepared: &'a Prepared<'c>,
     generation: &'a mut i64,
     outbox: bool,
 }
 
-impl std::fmt::Debug for WriteCtx<'_> {
+impl std::fmt::Debug for WriteCtx<'_, '_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WriteCtx").field("generation", &self.generation).finish_non_exhaustive()
     }
 }
 
-impl<'a> WriteCtx<'a> {
-    /// The write connection. Prefer `prepare_cached` for statements run often.
-    pub fn connection(&self) -> &'a Connection {
+impl<'a, 'c> WriteCtx<'a, 'c> {
+    /// The write connection, for SQL whose text is not `'static` (prefer [`WriteCtx::prepare`]).
+    pub fn connection(&self) -> &'c Connection {
         self.conn
+    }
+
+    /// The write thread's statement for `sql`, prepared once and kept for the connection's life
+    /// (see `prepared.rs`): cheaper than `prepare_cached`, which hashes and copies the text on
+    /// every use. The statement does not borrow the context, so timer operations can run while
+    /// it is held.
+    pub fn prepare(&self, sql: &'static str) -> rusqlite::Result<Stmt<'a, 'c>> {
+        self.prepared.get(sql)
+    }
+
+    fn exec(&self, sql: &'static str) -> rusqlite::Result<()> {
+        self.prepared.get(sql)?.execute([])?;
+        Ok(())
     }
 
     fn next_generation(&mut self) -> i64 {
@@ -383,11 +418,11 @@ impl<'a> WriteCtx<'a> {
     /// `DELETE … RETURNING` rows in an ephemeral table whose setup costs more than the read.)
     pub fn cancel(&mut self, queue: &str, key: &str) -> Result<Option<u64>> {
         let found = {
-            let mut stmt = self.conn.prepare_cached(Q.lock_timer).store_err("cancel")?;
+            let mut stmt = self.prepare(Q.lock_timer).store_err("cancel")?;
             stmt.query_row(params![queue, key], |row| row.get::<_, i64>(0)).optional().store_err("cancel")?
         };
         let Some(generation) = found else { return Ok(None) };
-        let mut stmt = self.conn.prepare_cached(Q.settle_done).store_err("cancel")?;
+        let mut stmt = self.prepare(Q.settle_done).store_err("cancel")?;
         let removed = stmt.execute(params![queue, key, generation]).store_err("cancel")?;
         Ok((removed > 0).then(|| gen_out(generation)))
     }
@@ -395,7 +430,7 @@ impl<'a> WriteCtx<'a> {
     /// Moves a timer, as [`overdue_core::Store::reschedule`]; returns the new generation.
     pub fn reschedule(&mut self, queue: &str, key: &str, due_at: i64, now: i64) -> Result<Option<u64>> {
         let generation = self.next_generation();
-        let mut stmt = self.conn.prepare_cached(Q.reschedule_timer).store_err("reschedule")?;
+        let mut stmt = self.prepare(Q.reschedule_timer).store_err("reschedule")?;
         let changed = stmt.execute(params![queue, key, due_at, generation, now]).store_err("reschedule")?;
         if changed > 0 {
             self.note_outbox(queue, key, generation, due_at)?;
@@ -405,15 +440,15 @@ impl<'a> WriteCtx<'a> {
 
     /// Runs `f` in a savepoint of its own, so an error leaves nothing behind.
     fn nested<T>(&mut self, what: &str, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        exec(self.conn, "SAVEPOINT overdue_ctx").store_err(what)?;
+        self.exec("SAVEPOINT overdue_ctx").store_err(what)?;
         match f(self) {
             Ok(v) => {
-                exec(self.conn, "RELEASE overdue_ctx").store_err(what)?;
+                self.exec("RELEASE overdue_ctx").store_err(what)?;
                 Ok(v)
             }
             Err(e) => {
-                if let Err(re) = exec(self.conn, "ROLLBACK TO overdue_ctx")
-                    .and_then(|()| exec(self.conn, "RELEASE overdue_ctx"))
+                if let Err(re) = self.exec("ROLLBACK TO overdue_ctx")
+                    .and_then(|()| self.exec("RELEASE overdue_ctx"))
                 {
                     tracing::warn!(error = %re, "rolling back a nested savepoint failed");
                 }
@@ -424,7 +459,7 @@ impl<'a> WriteCtx<'a> {
 
     /// The upsert loop, without a savepoint of its own (the store's jobs have one already).
     pub(crate) fn upsert_all(&mut self, specs: &[TimerSpec], now: i64) -> Result<Vec<u64>> {
-        let mut stmt = self.conn.prepare_cached(Q.upsert_timer).store_err("schedule")?;
+        let mut stmt = self.prepare(Q.upsert_timer).store_err("schedule")?;
         let mut out = Vec::with_capacity(specs.len());
         for s in specs {
             let generation = *self.generation + 1;
@@ -440,7 +475,7 @@ impl<'a> WriteCtx<'a> {
     /// Records a notice for the external trigger's relay, when the outbox is on.
     fn note_outbox(&self, queue: &str, key: &str, generation: i64, due_at: i64) -> Result<()> {
         if self.outbox {
-            let mut stmt = self.conn.prepare_cached(OUTBOX_INSERT).store_err("outbox")?;
+            let mut stmt = self.prepare(OUTBOX_INSERT).store_err("outbox")?;
             stmt.execute(params![queue, key, generation, due_at]).store_err("outbox")?;
         }
         Ok(())
@@ -448,7 +483,7 @@ impl<'a> WriteCtx<'a> {
 
     /// Deletes relayed outbox rows.
     pub(crate) fn outbox_ack(&mut self, seqs: &[i64]) -> Result<()> {
-        let mut stmt = self.conn.prepare_cached(OUTBOX_DELETE).store_err("outbox ack")?;
+        let mut stmt = self.prepare(OUTBOX_DELETE).store_err("outbox ack")?;
         for seq in seqs {
             stmt.execute([seq]).store_err("outbox ack")?;
         }
@@ -465,8 +500,8 @@ impl<'a> WriteCtx<'a> {
     ) -> Result<Vec<Claimed>> {
         // A plain conditional UPDATE, then a point read of what it claimed: SQLite buffers
         // `UPDATE … RETURNING` rows in an ephemeral table whose setup costs more than the read.
-        let mut stmt = self.conn.prepare_cached(Q.claim_timer).store_err("claim")?;
-        let mut read = self.conn.prepare_cached(Q.claimed_row).store_err("claim")?;
+        let mut stmt = self.prepare(Q.claim_timer).store_err("claim")?;
+        let mut read = self.prepare(Q.claimed_row).store_err("claim")?;
         let mut out = Vec::new();
         for t in timers {
             let Some(generation) = gen_in(t.generation) else { continue };
@@ -498,7 +533,7 @@ impl<'a> WriteCtx<'a> {
         owner: &str,
         lease_until: i64,
     ) -> Result<Vec<Claimed>> {
-        let mut stmt = self.conn.prepare_cached(Q.claim_due).store_err("claim due")?;
+        let mut stmt = self.prepare(Q.claim_due).store_err("claim due")?;
         let rows = stmt
             .query_map(params![due_before.min(now), now, limit, owner, lease_until], |row| {
                 let timer = TimerRef {
@@ -529,11 +564,11 @@ impl<'a> WriteCtx<'a> {
             let Some(generation) = gen_in(t.generation) else { continue };
             match s {
                 Settlement::Done(_) => {
-                    let mut stmt = self.conn.prepare_cached(Q.settle_done).store_err("settle done")?;
+                    let mut stmt = self.prepare(Q.settle_done).store_err("settle done")?;
                     stmt.execute(params![t.queue, t.key, generation]).store_err("settle done")?;
                 }
                 Settlement::Retry { due_at, attempts, error, .. } => {
-                    let mut stmt = self.conn.prepare_cached(Q.settle_retry).store_err("settle retry")?;
+                    let mut stmt = self.prepare(Q.settle_retry).store_err("settle retry")?;
                     let changed = stmt
                         .execute(params![t.queue, t.key, generation, due_at, attempts, error, now])
                         .store_err("settle retry")?;
@@ -542,17 +577,17 @@ impl<'a> WriteCtx<'a> {
                     }
                 }
                 Settlement::DeadLetter { attempts, error, failed_at, .. } => {
-                    let mut stmt = self.conn.prepare_cached(Q.dead_letter_timer).store_err("dead-letter")?;
+                    let mut stmt = self.prepare(Q.dead_letter_timer).store_err("dead-letter")?;
                     let moved = stmt
                         .execute(params![t.queue, t.key, generation, attempts, error, failed_at])
                         .store_err("dead-letter")?;
                     if moved > 0 {
-                        let mut stmt = self.conn.prepare_cached(Q.settle_done).store_err("dead-letter")?;
+                        let mut stmt = self.prepare(Q.settle_done).store_err("dead-letter")?;
                         stmt.execute(params![t.queue, t.key, generation]).store_err("dead-letter")?;
                     }
                 }
                 Settlement::Release(_) => {
-                    let mut stmt = self.conn.prepare_cached(Q.settle_release).store_err("settle release")?;
+                    let mut stmt = self.prepare(Q.settle_release).store_err("settle release")?;
                     stmt.execute(params![t.queue, t.key, generation]).store_err("settle release")?;
                 }
             }
@@ -563,7 +598,7 @@ impl<'a> WriteCtx<'a> {
     /// Moves a dead letter back into the timers with a new generation.
     pub(crate) fn replay(&mut self, id: i64, due_at: i64, now: i64) -> Result<Option<u64>> {
         let letter = {
-            let mut stmt = self.conn.prepare_cached(Q.select_dead_letter).store_err("replay")?;
+            let mut stmt = self.prepare(Q.select_dead_letter).store_err("replay")?;
             stmt.query_row([id], |row| {
                 Ok(TimerSpec { queue: row.get(0)?, key: row.get(1)?, due_at, payload: row.get(2)? })
             })
@@ -572,7 +607,7 @@ impl<'a> WriteCtx<'a> {
         };
         let Some(spec) = letter else { return Ok(None) };
         let generation = self.upsert_all(std::slice::from_ref(&spec), now)?;
-        let mut stmt = self.conn.prepare_cached(Q.delete_dead_letter).store_err("replay")?;
+        let mut stmt = self.prepare(Q.delete_dead_letter).store_err("replay")?;
         stmt.execute([id]).store_err("replay")?;
         Ok(generation.first().copied())
     }
