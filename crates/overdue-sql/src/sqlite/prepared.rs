@@ -37,6 +37,17 @@ impl<'c> Prepared<'c> {
         Prepared { conn, index: RefCell::default(), slots: (0..SLOTS).map(|_| RefCell::new(None)).collect() }
     }
 
+    /// The connection the statements belong to.
+    pub(crate) fn conn(&self) -> &'c Connection {
+        self.conn
+    }
+
+    /// Runs a parameterless statement (`BEGIN`, `SAVEPOINT …`) from its slot.
+    pub(crate) fn exec(&self, sql: &'static str) -> rusqlite::Result<()> {
+        self.get(sql)?.execute([])?;
+        Ok(())
+    }
+
     /// The statement for `sql`, prepared on first use.
     pub(crate) fn get<'p>(&'p self, sql: &'static str) -> rusqlite::Result<Stmt<'p, 'c>> {
         let key = (sql.as_ptr() as usize, sql.len());

@@ -198,7 +198,7 @@ impl Writer {
         {
             // Dropped (its statements finalized) before the connection is closed.
             let prepared = Prepared::new(&conn);
-            let mut group = Group { conn: &conn, prepared: &prepared, generation, persisted, stats: &stats, outbox };
+            let mut group = Group { prepared: &prepared, generation, persisted, stats: &stats, outbox };
             while let Ok(first) = rx.recv() {
                 let mut weight = first.weight();
                 let mut batch = vec![first];
@@ -237,7 +237,6 @@ impl Writer {
 
 /// The writer thread's state while it runs: the connection and its kept statements.
 struct Group<'p, 'c> {
-    conn: &'c Connection,
     prepared: &'p Prepared<'c>,
     /// Largest generation handed out.
     generation: i64,
@@ -249,8 +248,7 @@ struct Group<'p, 'c> {
 
 impl Group<'_, '_> {
     fn exec(&self, sql: &'static str) -> rusqlite::Result<()> {
-        self.prepared.get(sql)?.execute([])?;
-        Ok(())
+        self.prepared.exec(sql)
     }
 
     /// Runs one group in one transaction, each job in its own savepoint.
@@ -277,14 +275,13 @@ impl Group<'_, '_> {
             if savepoint {
                 self.exec("SAVEPOINT overdue_job").map_err(|e| TxFailure::from_sql("savepoint", &e))?;
             }
-            let changes_before = self.conn.total_changes();
+            let changes_before = self.prepared.conn().total_changes();
             let ok = job.run(&mut WriteCtx {
-                conn: self.conn,
                 prepared: self.prepared,
                 generation: &mut self.generation,
                 outbox: self.outbox,
             });
-            if self.conn.is_autocommit() {
+            if self.prepared.conn().is_autocommit() {
                 // SQLite rolled the whole transaction back (I/O error, disk full, …) or a write
                 // closure ended it. Nothing of this group can be trusted to commit.
                 return Err(TxFailure::other(
@@ -295,7 +292,7 @@ impl Group<'_, '_> {
             }
             if !ok {
                 self.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
-                if !savepoint && self.conn.total_changes() != changes_before {
+                if !savepoint && self.prepared.conn().total_changes() != changes_before {
                     // Its writes cannot be undone alone: nothing of this group may commit.
                     return Err(TxFailure::other(
                         "group commit",
@@ -321,7 +318,7 @@ impl Group<'_, '_> {
     }
 
     fn rollback(&self) {
-        if !self.conn.is_autocommit()
+        if !self.prepared.conn().is_autocommit()
             && let Err(e) = self.exec("ROLLBACK")
         {
             tracing::warn!(error = %e, "sqlite rollback failed");
@@ -356,7 +353,6 @@ pub(crate) const OUTBOX_SELECT: &str =
 /// outer savepoint yourself: the transaction belongs to the whole group (the writer detects an
 /// ended transaction and fails the group). Nested `SAVEPOINT`s of your own are fine.
 pub struct WriteCtx<'a, 'c> {
-    conn: &'c Connection,
     prepared: &'a Prepared<'c>,
     generation: &'a mut i64,
     outbox: bool,
@@ -371,7 +367,7 @@ impl std::fmt::Debug for WriteCtx<'_, '_> {
 impl<'a, 'c> WriteCtx<'a, 'c> {
     /// The write connection, for SQL whose text is not `'static` (prefer [`WriteCtx::prepare`]).
     pub fn connection(&self) -> &'c Connection {
-        self.conn
+        self.prepared.conn()
     }
 
     /// The write thread's statement for `sql`, prepared once and kept for the connection's life
@@ -383,8 +379,7 @@ impl<'a, 'c> WriteCtx<'a, 'c> {
     }
 
     fn exec(&self, sql: &'static str) -> rusqlite::Result<()> {
-        self.prepared.get(sql)?.execute([])?;
-        Ok(())
+        self.prepared.exec(sql)
     }
 
     fn next_generation(&mut self) -> i64 {
