@@ -126,7 +126,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// References (no payloads) to timers with `due_at <= until`, in `(due_at, queue, key)`
     /// order, strictly after the `after` cursor, at most `limit`. Used to page the near future
-    /// into an in-memory trigger. Claimed timers are included; the claim filters them.
+    /// into an in-memory trigger. Claimed timers may be included (the claim filters them) or
+    /// left out: a claimed timer comes back through the claim_due sweep once its lease expires.
     async fn due_refs(
         &self,
         after: Option<&(i64, String, String)>,

@@ -65,7 +65,7 @@ async fn main() -> overdue_core::Result<()> {
     let k = store.queue_keys("bench");
     let g = store.global_keys();
     let mut keys: Vec<String> = k.all().iter().map(|s| (*s).to_owned()).collect();
-    keys.extend([g.generation.clone(), g.queues.clone(), g.dead_id.clone(), g.dead_index.clone()]);
+    keys.extend(g.all().iter().map(|s| (*s).to_owned()));
     let _: i64 = redis::cmd("UNLINK").arg(&keys[..]).query_async(&mut con).await.unwrap_or(0);
     Ok(())
 }

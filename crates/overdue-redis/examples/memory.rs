@@ -50,7 +50,7 @@ async fn main() -> overdue_core::Result<()> {
         println!("  MEMORY USAGE {u}");
     }
     let g = store.global_keys();
-    let keys = [k.due, k.timers, k.fly, k.lease, k.owner, k.error, k.dead, g.generation.clone(), g.queues.clone(), g.dead_id.clone(), g.dead_index.clone()];
+    let keys: Vec<String> = k.all().iter().chain(g.all().iter()).map(|s| (*s).to_owned()).collect();
     let _: i64 = redis::cmd("UNLINK").arg(&keys[..]).query_async(&mut con).await.unwrap_or(0);
     Ok(())
 }

@@ -1,5 +1,10 @@
 //! Key names. See the crate docs for what each key holds.
 
+/// The key layout this version reads and writes, stamped in [`GlobalKeys::layout`]. Layout 1
+/// (overdue before this stamp existed) kept one lease entry per claimed timer and no due time
+/// in the record; its records cannot be read by layout 2.
+pub const LAYOUT: &str = "2";
+
 /// The store-wide keys of one prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GlobalKeys {
@@ -11,6 +16,8 @@ pub struct GlobalKeys {
     pub dead_id: String,
     /// HASH: dead-letter id → queue, so `replay(id)` finds its queue.
     pub dead_index: String,
+    /// STRING: the key layout the prefix holds ([`LAYOUT`]), written by the first `open`.
+    pub layout: String,
 }
 
 impl GlobalKeys {
@@ -21,7 +28,13 @@ impl GlobalKeys {
             queues: format!("{prefix}:queues"),
             dead_id: format!("{prefix}:dlid"),
             dead_index: format!("{prefix}:dlq"),
+            layout: format!("{prefix}:layout"),
         }
+    }
+
+    /// The five keys.
+    pub fn all(&self) -> [&str; 5] {
+        [&self.generation, &self.queues, &self.dead_id, &self.dead_index, &self.layout]
     }
 }
 
@@ -32,15 +45,16 @@ pub struct QueueKeys {
     /// ZSET: member = timer key, score = due_at (ms). The pending timers (not claimed).
     pub due: String,
     /// HASH: field = timer key, value = the timer's record (generation, attempts, created,
-    /// updated, payload).
+    /// updated, due, payload).
     pub timers: String,
-    /// ZSET: member = timer key, score = due_at (ms). The claimed timers (moved here from
-    /// `due` by a claim, back by a retry or release).
+    /// ZSET: member = timer key, score = the id of the lease (claim) holding it. The claimed
+    /// timers (moved here from `due` by a claim, back by a retry or release).
     pub fly: String,
-    /// ZSET: member = timer key, score = lease_until (ms). The same members as `fly`; a score
-    /// `<= now` is an expired lease, claimable again.
+    /// ZSET: member = lease id, score = lease_until (ms). One entry per claim, however many
+    /// timers it took; a score `<= now` is an expired lease, its timers claimable again.
     pub lease: String,
-    /// HASH: field = timer key, value = the node holding the lease.
+    /// HASH: field = lease id, value = the node holding the lease; field `0` = the last lease
+    /// id issued.
     pub owner: String,
     /// HASH: field = timer key, value = the last handler error (only after a failed attempt).
     pub error: String,

@@ -14,11 +14,12 @@
 //! | `P:queues` | SET | every queue that has had a timer (the scans walk these) |
 //! | `P:dlid` | STRING | the dead-letter id counter (`INCR`) |
 //! | `P:dlq` | HASH | dead-letter id → queue, so `replay(id)` finds the queue |
+//! | `P:layout` | STRING | the key layout the prefix holds (`2`, [`LAYOUT`]); `open` refuses another |
 //! | `{P:q:Q}:due` | ZSET | member = timer key, score = `due_at` ms: the pending (unclaimed) timers of queue `Q` |
-//! | `{P:q:Q}:t` | HASH | field = timer key, value = the record `<generation>,<attempts>,<created_at>,<updated_at - created_at>,<payload bytes>` |
-//! | `{P:q:Q}:fly` | ZSET | member = timer key, score = `due_at` ms: the claimed timers (a claim moves a member from `due` to here; retry and release move it back) |
-//! | `{P:q:Q}:lease` | ZSET | the same members as `fly`, score = `lease_until` ms (a score `<= now` is an expired lease: claimable again) |
-//! | `{P:q:Q}:owner` | HASH | field = timer key, value = the node that holds the lease |
+//! | `{P:q:Q}:t` | HASH | field = timer key, value = the record `<generation>,<attempts>,<created_at>,<updated_at - created_at>,<due_at - created_at>,<payload bytes>` |
+//! | `{P:q:Q}:fly` | ZSET | member = timer key, score = the id of the lease holding it: the claimed timers (a claim moves a member from `due` to here; retry and release move it back) |
+//! | `{P:q:Q}:lease` | ZSET | member = lease id, score = `lease_until` ms: one entry per claim (a batch), not per timer; a score `<= now` is an expired lease, its timers claimable again |
+//! | `{P:q:Q}:owner` | HASH | field = lease id, value = the node that holds the lease; field `0` = the last lease id issued |
 //! | `{P:q:Q}:err` | HASH | field = timer key, value = the last handler error (only after a failed attempt) |
 //! | `{P:q:Q}:dead` | ZSET | score = dead-letter id, member = `<id>,<generation>,<due_at>,<attempts>,<failed_at>,<key length>,<error length>,<key><error><payload>` |
 //!
@@ -53,8 +54,10 @@
 //! Every node loads the whole near future into its wheel (no partition leases: see
 //! `docs/redis.md` for why) and the claim script decides who runs each timer: the loser of a
 //! race gets an empty claim, never a double run. A node that dies leaves its claimed timers in
-//! `lease` with their `lease_until`; once that passes they are due again and `claim_due` (the
-//! scan trigger and every node's backstop sweep) takes them.
+//! `fly` under leases that expire at their `lease_until`; once that passes they are due again and
+//! `claim_due` (the scan trigger and every node's backstop sweep) takes them. A spent lease (every
+//! timer settled) is deleted when its queue has nothing in flight, or by the next `claim_due`
+//! after it expires.
 //!
 //! ## Durability
 //!
@@ -97,7 +100,7 @@ use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use self::keyspace::KeyspaceTrigger;
-pub use self::layout::{GlobalKeys, QueueKeys};
+pub use self::layout::{GlobalKeys, LAYOUT, QueueKeys};
 use self::scripts::Scripts;
 
 /// The backend name in errors and capabilities.
@@ -311,17 +314,18 @@ fn array(v: Value) -> Result<Vec<Value>> {
     }
 }
 
-/// A parsed record: generation, attempts, created, updated, payload.
+/// A parsed record: generation, attempts, created, updated, due, payload.
 struct Record {
     generation: u64,
     attempts: u32,
     created_at: i64,
     updated_at: i64,
+    due_at: i64,
     payload: Vec<u8>,
 }
 
 fn parse_record(mut v: Vec<u8>) -> Result<Record> {
-    let mut fields = [0i64; 4];
+    let mut fields = [0i64; 5];
     let mut pos = 0;
     for f in &mut fields {
         let end = v[pos..].iter().position(|b| *b == b',').ok_or_else(|| bad_reply("a truncated timer record"))?;
@@ -334,7 +338,8 @@ fn parse_record(mut v: Vec<u8>) -> Result<Record> {
         generation: fields[0] as u64,
         attempts: fields[1].max(0) as u32,
         created_at: fields[2],
-        updated_at: fields[2] + fields[3],
+        updated_at: fields[2].saturating_add(fields[3]),
+        due_at: fields[2].saturating_add(fields[4]),
         payload,
     })
 }
@@ -396,6 +401,8 @@ impl RedisStore {
             Ok(Err(e)) => return Err(unreachable(e.to_string())),
             Err(_) => return Err(unreachable("timed out".into())),
         };
+        let global = GlobalKeys::new(&opts.prefix);
+        check_layout(&mut con, &global, &opts.prefix).await?;
         let scripts = Scripts::new();
         for s in scripts.all() {
             s.prepare_invoke().load_async(&mut con).await.map_err(redis_err)?;
@@ -412,7 +419,7 @@ impl RedisStore {
             inner: Arc::new(Inner {
                 con,
                 scripts,
-                global: GlobalKeys::new(&opts.prefix),
+                global,
                 prefix: opts.prefix,
                 node,
                 persistence,
@@ -543,6 +550,33 @@ impl RedisStore {
     }
 }
 
+/// Stamps a prefix with [`LAYOUT`] on first use, and refuses one that holds timers in another
+/// layout (older versions did not stamp: timer records without a stamp are layout 1).
+async fn check_layout(con: &mut ConnectionManager, global: &GlobalKeys, prefix: &str) -> Result<()> {
+    let refuse = |found: &str| {
+        Error::Config(format!(
+            "the redis prefix {prefix:?} holds timers in key layout {found}; this version of overdue reads layout {LAYOUT}: \
+             let the version that wrote them drain them, or use another prefix (?prefix=NAME)"
+        ))
+    };
+    let stamp: Option<String> = redis::cmd("GET").arg(&global.layout).query_async(con).await.map_err(redis_err)?;
+    match stamp.as_deref() {
+        Some(LAYOUT) => return Ok(()),
+        Some(other) => return Err(refuse(other)),
+        None => {}
+    }
+    let queues: Vec<String> = redis::cmd("SMEMBERS").arg(&global.queues).query_async(con).await.map_err(redis_err)?;
+    for q in &queues {
+        let n: i64 = redis::cmd("HLEN").arg(&QueueKeys::new(prefix, q).timers).query_async(con).await.map_err(redis_err)?;
+        if n > 0 {
+            return Err(refuse("1"));
+        }
+    }
+    let _: Option<String> =
+        redis::cmd("SET").arg(&global.layout).arg(LAYOUT).arg("NX").query_async(con).await.map_err(redis_err)?;
+    Ok(())
+}
+
 async fn read_persistence(con: &mut ConnectionManager) -> Persistence {
     let mut get = async |name: &str| -> Option<String> {
         let r: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(con).await;
@@ -551,7 +585,7 @@ async fn read_persistence(con: &mut ConnectionManager) -> Persistence {
     Persistence { appendonly: get("appendonly").await, appendfsync: get("appendfsync").await, save: get("save").await }
 }
 
-fn timer_from(queue: String, key: String, due_at: i64, rest: Vec<Value>, now: i64) -> Result<Timer> {
+fn timer_from(queue: String, key: String, rest: Vec<Value>, now: i64) -> Result<Timer> {
     let mut it = rest.into_iter();
     let rec = parse_record(bytes(it.next().unwrap_or_default())?)?;
     let lease = opt(it.next().unwrap_or_default()).map(|v| int(&v)).transpose()?;
@@ -564,7 +598,7 @@ fn timer_from(queue: String, key: String, due_at: i64, rest: Vec<Value>, now: i6
     Ok(Timer {
         queue,
         key,
-        due_at,
+        due_at: rec.due_at,
         payload: rec.payload,
         generation: rec.generation,
         attempts: rec.attempts,
@@ -630,10 +664,10 @@ impl Store for RedisStore {
         let Some(r) = opt(r) else { return Ok(None) };
         let mut a = array(r)?.into_iter();
         let rec = a.next().unwrap_or_default();
-        let due = int(&a.next().unwrap_or_default())?;
+        let _due = a.next();
         let mut rest = vec![rec];
         rest.extend(a);
-        timer_from(queue.to_owned(), key.to_owned(), due, rest, now).map(Some)
+        timer_from(queue.to_owned(), key.to_owned(), rest, now).map(Some)
     }
 
     async fn list(&self, query: &ListQuery, now: i64) -> Result<Vec<Timer>> {
@@ -644,7 +678,7 @@ impl Store for RedisStore {
         };
         let until = query.due_to.unwrap_or(i64::MAX / 2);
         let found = self.range(&queues, query.after.as_ref(), query.due_from, until, query.effective_limit(), true).await?;
-        found.into_iter().map(|(q, k, d, rest)| timer_from(q, k, d, rest, now)).collect()
+        found.into_iter().map(|(q, k, _, rest)| timer_from(q, k, rest, now)).collect()
     }
 
     async fn counts(&self, now: i64) -> Result<Vec<QueueCount>> {
@@ -866,9 +900,11 @@ mod tests {
 
     #[test]
     fn records_round_trip() {
-        let r = parse_record(b"42,3,1000,5,a,b\0c".to_vec()).expect("record");
-        assert_eq!((r.generation, r.attempts, r.created_at, r.updated_at), (42, 3, 1000, 1005));
+        let r = parse_record(b"42,3,1000,5,-7,a,b\0c".to_vec()).expect("record");
+        assert_eq!((r.generation, r.attempts, r.created_at, r.updated_at, r.due_at), (42, 3, 1000, 1005, 993));
         assert_eq!(r.payload, b"a,b\0c");
+        // A layout-1 record (no due field) is refused, not misread.
+        assert!(parse_record(b"42,3,1000,5,a,b".to_vec()).is_err());
         let d = parse_dead("q", b"7,42,1000,3,2000,3,4,k,1boomp\0".to_vec()).expect("dead");
         assert_eq!((d.id, d.generation, d.due_at, d.attempts, d.failed_at), (7, 42, 1000, 3, 2000));
         assert_eq!((d.key.as_str(), d.error.as_str(), d.payload.as_slice()), ("k,1", "boom", &b"p\0"[..]));

@@ -6,28 +6,40 @@
 //! group starting at index `b` has `due = KEYS[b]`, `t = KEYS[b+1]`, and so on.
 //!
 //! A timer's record (the field `key` of the `t` hash) is
-//! `<generation>,<attempts>,<created_at>,<updated - created>,<payload bytes>`; its due time is its
-//! score in `due` (pending) or `fly` (claimed), so it is not repeated in the record.
+//! `<generation>,<attempts>,<created_at>,<updated - created>,<due - created>,<payload bytes>`.
+//! A pending timer is in `due` (scored by its due time); a claimed one is in `fly`, scored by
+//! the id of the claim that holds it. One claim (a batch) is one lease: `lease` scores the id
+//! by `lease_until` and `owner` maps it to the node (its field `0` is the last id issued), so a
+//! claim writes two entries per batch, not two per timer.
 
 /// Helpers every script starts with.
 const PRELUDE: &str = r#"
-local function parse(v)
-  local _, e, g, a, c, du = string.find(v, '^(%d+),(%d+),(%d+),(%d+),')
-  return g, a, c, du, e
-end
+local HEAD = '^(%d+),(%d+),(%d+),(-?%d+),(-?%d+),'
 local function fmt(n) return string.format('%d', n) end
+-- generation, attempts, created, updated - created, due - created, end of the head
+local function parse(v)
+  local _, e, g, a, c, du, dd = string.find(v, HEAD)
+  return g, a, c, du, dd, e
+end
+-- The due time a record holds.
+local function due_in(v)
+  local _, _, _, _, c, _, dd = string.find(v, HEAD)
+  return fmt(tonumber(c) + tonumber(dd))
+end
 -- Most arguments a variadic call gets at once (Lua's unpack stops near 8,000); an even number,
 -- so ZADD/HSET pairs are never split.
 local VCHUNK = 4000
 -- One variadic command over a flat list of arguments, in chunks: a batch of n timers costs
 -- n/VCHUNK calls instead of n (a redis.call from Lua costs more than the work of a small one).
+-- Returns the sum of the integer replies.
 local function vcall(cmd, key, args)
-  local i, n = 1, #args
+  local i, n, sum = 1, #args, 0
   while i <= n do
     local j = math.min(i + VCHUNK - 1, n)
-    redis.call(cmd, key, unpack(args, i, j))
+    sum = sum + redis.call(cmd, key, unpack(args, i, j))
     i = j + 1
   end
+  return sum
 end
 -- Like vcall for a reading command (HMGET, ZMSCORE): the replies concatenated, nil as false.
 local function vget(cmd, key, args)
@@ -41,31 +53,26 @@ local function vget(cmd, key, args)
   end
   return out
 end
-local function record(g, attempts, created, updated, payload)
-  return g .. ',' .. attempts .. ',' .. created .. ',' .. fmt(tonumber(updated) - tonumber(created)) .. ',' .. payload
+local function record(g, attempts, created, updated, due, payload)
+  local c = tonumber(created)
+  return g .. ',' .. attempts .. ',' .. fmt(c) .. ',' .. fmt(tonumber(updated) - c) .. ',' ..
+    fmt(tonumber(due) - c) .. ',' .. payload
 end
 local function drop(b, key)
   redis.call('ZREM', KEYS[b], key)
   redis.call('HDEL', KEYS[b + 1], key)
   redis.call('ZREM', KEYS[b + 2], key)
-  redis.call('ZREM', KEYS[b + 3], key)
-  redis.call('HDEL', KEYS[b + 4], key)
   redis.call('HDEL', KEYS[b + 5], key)
 end
--- Drops the claim and makes the timer pending again, due at due (or where it was).
+-- Drops the claim (if any) and makes the timer pending, due at due.
 local function unlease(b, key, due)
-  local d = redis.call('ZSCORE', KEYS[b + 2], key)
-  if d then
-    redis.call('ZREM', KEYS[b + 2], key)
-    redis.call('ZREM', KEYS[b + 3], key)
-    redis.call('HDEL', KEYS[b + 4], key)
-  end
-  due = due or d
-  if due then redis.call('ZADD', KEYS[b], due, key) end
+  redis.call('ZREM', KEYS[b + 2], key)
+  redis.call('ZADD', KEYS[b], due, key)
 end
--- The due time of a stored timer, pending or in flight.
-local function due_of(b, key)
-  return redis.call('ZSCORE', KEYS[b], key) or redis.call('ZSCORE', KEYS[b + 2], key)
+-- With nothing in flight every lease is spent: drop them all (lease ids start again at 1,
+-- which is safe because no timer names an old one).
+local function sweep_leases(b)
+  if redis.call('ZCARD', KEYS[b + 2]) == 0 then redis.call('DEL', KEYS[b + 3], KEYS[b + 4]) end
 end
 -- Byte-wise string order (Lua's < follows the server's locale).
 local function lt(x, y)
@@ -76,7 +83,7 @@ local function lt(x, y)
   end
   return #x < #y
 end
--- Upserts one timer with generation g: attempts 0, no error, no lease; keeps created_at.
+-- Upserts one timer with generation g: attempts 0, no error, no claim; keeps created_at.
 local function upsert(b, key, due, payload, g, now)
   local created = now
   local old = redis.call('HGET', KEYS[b + 1], key)
@@ -84,16 +91,15 @@ local function upsert(b, key, due, payload, g, now)
     local _, _, c = parse(old)
     if c then created = c end
     redis.call('ZREM', KEYS[b + 2], key)
-    redis.call('ZREM', KEYS[b + 3], key)
-    redis.call('HDEL', KEYS[b + 4], key)
     redis.call('HDEL', KEYS[b + 5], key)
   end
-  redis.call('HSET', KEYS[b + 1], key, record(fmt(g), 0, created, now, payload))
+  redis.call('HSET', KEYS[b + 1], key, record(fmt(g), 0, created, now, due, payload))
   redis.call('ZADD', KEYS[b], due, key)
 end
 -- Claims, in the group of queue keys at b, those of keys (distinct) whose record exists, whose
--- generation equals gens[j] (any generation if gens is nil), that are due at now and not under
--- a live lease; for owner until lease_until. A handful of variadic calls for the whole list.
+-- generation equals gens[j] (any generation if gens is nil), that are due at now and either
+-- pending or held by a lease that has expired (or is gone); as one new lease for owner until
+-- lease_until. A handful of variadic calls for the whole list, and two writes for the lease.
 -- Returns, per claimed key, {j, generation, due, attempts, payload} in the order of keys.
 local function take_all(b, keys, gens, now, owner, lease_until)
   local recs = vget('HMGET', KEYS[b + 1], keys)
@@ -108,7 +114,7 @@ local function take_all(b, keys, gens, now, owner, lease_until)
         if d then
           if tonumber(d) <= now then
             won[#won + 1] = {j, g, d, v}
-            moved[#moved + 1] = j
+            moved[#moved + 1] = keys[j]
           end
         else
           again[#again + 1] = j
@@ -117,42 +123,49 @@ local function take_all(b, keys, gens, now, owner, lease_until)
     end
   end
   if #again > 0 then
-    -- Not pending: claimable only if in flight under an expired lease.
+    -- Not pending: claimable only if in flight under a lease that has expired.
     local ks = {}
     for x = 1, #again do ks[x] = keys[again[x]] end
-    local ls = vget('ZMSCORE', KEYS[b + 3], ks)
-    local fs = vget('ZMSCORE', KEYS[b + 2], ks)
+    local ls = vget('ZMSCORE', KEYS[b + 2], ks)
+    local ids, seen = {}, {}
     for x = 1, #again do
-      if ls[x] and tonumber(ls[x]) <= now and fs[x] and tonumber(fs[x]) <= now then
-        local j = again[x]
-        won[#won + 1] = {j, string.match(recs[j], '^(%d+),'), fs[x], recs[j]}
+      local l = ls[x]
+      if l and not seen[l] then
+        seen[l] = true
+        ids[#ids + 1] = l
       end
     end
-    table.sort(won, function(x, y) return x[1] < y[1] end)
+    if #ids > 0 then
+      local untils = vget('ZMSCORE', KEYS[b + 3], ids)
+      local live = {}
+      for x = 1, #ids do
+        if untils[x] and tonumber(untils[x]) > now then live[ids[x]] = true end
+      end
+      for x = 1, #again do
+        local l = ls[x]
+        if l and not live[l] then
+          local j = again[x]
+          local d = due_in(recs[j])
+          if tonumber(d) <= now then won[#won + 1] = {j, string.match(recs[j], '^(%d+),'), d, recs[j]} end
+        end
+      end
+      table.sort(won, function(x, y) return x[1] < y[1] end)
+    end
   end
   if #won == 0 then return won end
-  local rem, fly, lease, own = {}, {}, {}, {}
-  for x = 1, #moved do
-    local j = moved[x]
-    rem[#rem + 1] = keys[j]
-    fly[#fly + 1] = dues[j]
-    fly[#fly + 1] = keys[j]
-  end
-  local out = {}
+  local lid = redis.call('HINCRBY', KEYS[b + 4], '0', 1)
+  local fly, out = {}, {}
   for x = 1, #won do
     local w = won[x]
-    local key = keys[w[1]]
-    lease[#lease + 1] = lease_until
-    lease[#lease + 1] = key
-    own[#own + 1] = key
-    own[#own + 1] = owner
-    local _, e, _, a = string.find(w[4], '^(%d+),(%d+),%d+,%d+,')
+    fly[#fly + 1] = lid
+    fly[#fly + 1] = keys[w[1]]
+    local _, e, _, a = string.find(w[4], HEAD)
     out[x] = {w[1], w[2], w[3], tonumber(a), string.sub(w[4], e + 1)}
   end
-  vcall('ZREM', KEYS[b], rem)
+  if #moved > 0 then vcall('ZREM', KEYS[b], moved) end
   vcall('ZADD', KEYS[b + 2], fly)
-  vcall('ZADD', KEYS[b + 3], lease)
-  vcall('HSET', KEYS[b + 4], own)
+  redis.call('ZADD', KEYS[b + 3], lease_until, lid)
+  redis.call('HSET', KEYS[b + 4], lid, owner)
   return out
 end
 "#;
@@ -196,15 +209,14 @@ for qi, g in pairs(groups) do
     end
     local gen = first + (oi - 3 - nq) / 4
     recs[#recs + 1] = key
-    recs[#recs + 1] = fmt(gen) .. ',0,' .. fmt(created) .. ',' .. fmt(nnow - created) .. ',' .. ARGV[oi + 4]
+    recs[#recs + 1] = fmt(gen) .. ',0,' .. fmt(created) .. ',' .. fmt(nnow - created) .. ',' ..
+      fmt(tonumber(ARGV[oi + 3]) - created) .. ',' .. ARGV[oi + 4]
     dues[#dues + 1] = ARGV[oi + 3]
     dues[#dues + 1] = key
   end
   if #replaced > 0 then
     -- A replaced timer loses its claim and its last error.
     vcall('ZREM', KEYS[b + 2], replaced)
-    vcall('ZREM', KEYS[b + 3], replaced)
-    vcall('HDEL', KEYS[b + 4], replaced)
     vcall('HDEL', KEYS[b + 5], replaced)
   end
   vcall('HSET', KEYS[b + 1], recs)
@@ -226,7 +238,7 @@ return tonumber(g)
 const RESCHEDULE: &str = r#"
 local v = redis.call('HGET', KEYS[3], ARGV[1])
 if not v then return false end
-local g, a, c, du, e = parse(v)
+local g, a, c, du, dd, e = parse(v)
 local ng = redis.call('INCR', KEYS[1])
 upsert(2, ARGV[1], ARGV[2], string.sub(v, e + 1), ng, ARGV[3])
 return ng
@@ -236,8 +248,13 @@ return ng
 const GET: &str = r#"
 local v = redis.call('HGET', KEYS[2], ARGV[1])
 if not v then return false end
-return {v, due_of(1, ARGV[1]), redis.call('ZSCORE', KEYS[4], ARGV[1]),
-        redis.call('HGET', KEYS[5], ARGV[1]), redis.call('HGET', KEYS[6], ARGV[1])}
+local l = redis.call('ZSCORE', KEYS[3], ARGV[1])
+local lu, ow = false, false
+if l then
+  lu = redis.call('ZSCORE', KEYS[4], l)
+  ow = redis.call('HGET', KEYS[5], l)
+end
+return {v, due_in(v), lu, ow, redis.call('HGET', KEYS[6], ARGV[1])}
 "#;
 
 /// KEYS: a group per queue. ARGV: now, lease_until, owner, then (queue index, key, generation)
@@ -288,12 +305,27 @@ for qi = 1, #KEYS / 7 do
   local b = 1 + (qi - 1) * 7
   local r = redis.call('ZRANGEBYSCORE', KEYS[b], '-inf', due_before, 'WITHSCORES', 'LIMIT', 0, limit)
   for j = 1, #r, 2 do cands[#cands + 1] = {tonumber(r[j + 1]), qi, r[j]} end
+  -- Expired leases: their timers are due again (at their own due times). A lease that holds
+  -- no timer any more is spent and goes.
   local x = redis.call('ZRANGEBYSCORE', KEYS[b + 3], '-inf', now, 'LIMIT', 0, limit)
-  if #x > 0 then
-    local ds = vget('ZMSCORE', KEYS[b + 2], x)
-    for j = 1, #x do
-      local d = ds[j]
-      if d and tonumber(d) <= tonumber(due_before) then cands[#cands + 1] = {tonumber(d), qi, x[j]} end
+  local room = limit
+  for j = 1, #x do
+    if room <= 0 then break end
+    local ks = redis.call('ZRANGEBYSCORE', KEYS[b + 2], x[j], x[j], 'LIMIT', 0, room)
+    if #ks == 0 then
+      redis.call('ZREM', KEYS[b + 3], x[j])
+      redis.call('HDEL', KEYS[b + 4], x[j])
+    else
+      local vs = vget('HMGET', KEYS[b + 1], ks)
+      for y = 1, #ks do
+        if vs[y] then
+          local d = tonumber(due_in(vs[y]))
+          if d <= tonumber(due_before) then cands[#cands + 1] = {d, qi, ks[y]} end
+        else
+          redis.call('ZREM', KEYS[b + 2], ks[y])
+        end
+      end
+      room = room - #ks
     end
   end
 end
@@ -369,17 +401,9 @@ for qi, g in pairs(done) do
   if #del > 0 then
     applied = applied + #del
     vcall('HDEL', KEYS[b + 1], del)
-    -- A timer is in exactly one of due and fly, and lease and owner name only fly's members:
-    -- when every one was in flight (the usual case) due, lease and owner need no lookups.
-    local flying = 0
-    for x = 1, #del, VCHUNK do
-      flying = flying + redis.call('ZREM', KEYS[b + 2], unpack(del, x, math.min(x + VCHUNK - 1, #del)))
-    end
-    if flying < #del then vcall('ZREM', KEYS[b], del) end
-    if flying > 0 then
-      vcall('ZREM', KEYS[b + 3], del)
-      vcall('HDEL', KEYS[b + 4], del)
-    end
+    -- A timer is in exactly one of due and fly: when every one was in flight (the usual case)
+    -- due needs no lookups. The leases are left alone (one per claim, not per timer).
+    if vcall('ZREM', KEYS[b + 2], del) < #del then vcall('ZREM', KEYS[b], del) end
     if redis.call('EXISTS', KEYS[b + 5]) == 1 then vcall('HDEL', KEYS[b + 5], del) end
   end
 end
@@ -388,20 +412,20 @@ for _, o in ipairs(rest) do
   local b = 3 + (qi - 1) * 7
   local v = redis.call('HGET', KEYS[b + 1], key)
   if v then
-    local g, a, c, du, e = parse(v)
+    local g, a, c, du, dd, e = parse(v)
     if g == gen then
       applied = applied + 1
       if kind == 'D' then
         drop(b, key)
       elseif kind == 'L' then
-        unlease(b, key, nil)
+        unlease(b, key, due_in(v))
       elseif kind == 'R' then
-        redis.call('HSET', KEYS[b + 1], key, record(g, ARGV[o + 5], c, now, string.sub(v, e + 1)))
+        redis.call('HSET', KEYS[b + 1], key, record(g, ARGV[o + 5], c, now, ARGV[o + 4], string.sub(v, e + 1)))
         redis.call('HSET', KEYS[b + 5], key, ARGV[o + 6])
         unlease(b, key, ARGV[o + 4])
       elseif kind == 'X' then
         local id = redis.call('INCR', KEYS[1])
-        local due = due_of(b, key) or '0'
+        local due = due_in(v)
         local err = ARGV[o + 5]
         local m = fmt(id) .. ',' .. g .. ',' .. due .. ',' .. ARGV[o + 4] .. ',' .. ARGV[o + 6] .. ',' ..
           fmt(#key) .. ',' .. fmt(#err) .. ',' .. key .. err .. string.sub(v, e + 1)
@@ -412,6 +436,7 @@ for _, o in ipairs(rest) do
     end
   end
 end
+for qi = 1, nq do sweep_leases(3 + (qi - 1) * 7) end
 return applied
 "#;
 
@@ -434,11 +459,13 @@ return ng
 
 /// KEYS: a group per queue. ARGV: until, limit, details (0/1), then per queue (mode, lo, key):
 /// mode `a` from -inf, `i` due >= lo, `x` due > lo, `k` (due, key) > (lo, key). Reads the
-/// pending set and the in-flight set of each queue. Returns per timer (queue index, key, due,
-/// record-or-generation, lease_until, owner, last_error); without details only the first four,
-/// with the generation instead of the record.
+/// pending set of each queue and, with details, the in-flight set too (scored by lease id, so
+/// read whole: it holds what is claimed, at most the nodes' `max_in_flight`). Returns per timer
+/// (queue index, key, due, record-or-generation, lease_until, owner, last_error); without
+/// details only the first four, with the generation instead of the record.
 const RANGE: &str = r#"
 local upto, limit, details = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local nupto = tonumber(upto)
 local function rng(z, mode, lo, ck)
   if mode == 'k' then
     local start = redis.call('ZCOUNT', z, '-inf', '(' .. lo)
@@ -455,35 +482,71 @@ local function rng(z, mode, lo, ck)
   if mode == 'i' then min = lo elseif mode == 'x' then min = '(' .. lo end
   return redis.call('ZRANGEBYSCORE', z, min, upto, 'WITHSCORES', 'LIMIT', 0, limit)
 end
+-- Whether (d, key) is inside the bounds of mode and lo/ck.
+local function inside(d, key, mode, lo, ck)
+  if d > nupto then return false end
+  if mode == 'a' then return true end
+  local l = tonumber(lo)
+  if mode == 'i' then return d >= l end
+  if mode == 'x' then return d > l end
+  return d > l or (d == l and lt(ck, key))
+end
 local out = {}
+local function emit(qi, b, key, due, v, lid)
+  out[#out + 1] = qi
+  out[#out + 1] = key
+  out[#out + 1] = due
+  if details then
+    out[#out + 1] = v
+    if lid then
+      out[#out + 1] = redis.call('ZSCORE', KEYS[b + 3], lid)
+      out[#out + 1] = redis.call('HGET', KEYS[b + 4], lid)
+    else
+      out[#out + 1] = false
+      out[#out + 1] = false
+    end
+    out[#out + 1] = redis.call('HGET', KEYS[b + 5], key)
+  else
+    out[#out + 1] = string.match(v, '^(%d+),')
+  end
+end
 for qi = 1, #KEYS / 7 do
   local b = 1 + (qi - 1) * 7
   local o = 4 + (qi - 1) * 3
-  for _, z in ipairs({KEYS[b], KEYS[b + 2]}) do
-    local r = rng(z, ARGV[o], ARGV[o + 1], ARGV[o + 2])
-    local ks = {}
-    for j = 1, #r, 2 do
-      if tonumber(r[j + 1]) > tonumber(upto) then break end
-      ks[#ks + 1] = r[j]
-    end
-    local vs = {}
-    if #ks > 0 then vs = vget('HMGET', KEYS[b + 1], ks) end
+  local mode, lo, ck = ARGV[o], ARGV[o + 1], ARGV[o + 2]
+  local r = rng(KEYS[b], mode, lo, ck)
+  local ks = {}
+  for j = 1, #r, 2 do
+    if tonumber(r[j + 1]) > nupto then break end
+    ks[#ks + 1] = r[j]
+  end
+  if #ks > 0 then
+    local vs = vget('HMGET', KEYS[b + 1], ks)
     for x = 1, #ks do
-      local j = 2 * x - 1
-      local key = r[j]
-      local v = vs[x]
-      if v then
-        out[#out + 1] = qi
-        out[#out + 1] = key
-        out[#out + 1] = r[j + 1]
-        if details then
-          out[#out + 1] = v
-          out[#out + 1] = redis.call('ZSCORE', KEYS[b + 3], key)
-          out[#out + 1] = redis.call('HGET', KEYS[b + 4], key)
-          out[#out + 1] = redis.call('HGET', KEYS[b + 5], key)
-        else
-          out[#out + 1] = parse(v)
+      if vs[x] then emit(qi, b, ks[x], r[2 * x], vs[x], nil) end
+    end
+  end
+  if details then
+    local f = redis.call('ZRANGE', KEYS[b + 2], 0, -1, 'WITHSCORES')
+    local fk = {}
+    for j = 1, #f, 2 do fk[#fk + 1] = f[j] end
+    if #fk > 0 then
+      local vs = vget('HMGET', KEYS[b + 1], fk)
+      local rows = {}
+      for x = 1, #fk do
+        local v = vs[x]
+        if v then
+          local d = tonumber(due_in(v))
+          if inside(d, fk[x], mode, lo, ck) then rows[#rows + 1] = {d, fk[x], v, f[2 * x]} end
         end
+      end
+      table.sort(rows, function(p, q)
+        if p[1] ~= q[1] then return p[1] < q[1] end
+        return lt(p[2], q[2])
+      end)
+      for x = 1, math.min(limit, #rows) do
+        local w = rows[x]
+        emit(qi, b, w[2], fmt(w[1]), w[3], w[4])
       end
     end
   end
@@ -491,13 +554,18 @@ end
 return out
 "#;
 
-/// KEYS: a group per queue. ARGV: now. Returns (stored, live leases, dead) per queue.
+/// KEYS: a group per queue. ARGV: now. Returns (stored, held under a live lease, dead) per
+/// queue.
 const COUNTS: &str = r#"
 local out = {}
 for qi = 1, #KEYS / 7 do
   local b = 1 + (qi - 1) * 7
   out[#out + 1] = redis.call('ZCARD', KEYS[b]) + redis.call('ZCARD', KEYS[b + 2])
-  out[#out + 1] = redis.call('ZCOUNT', KEYS[b + 3], '(' .. ARGV[1], '+inf')
+  local held = 0
+  for _, lid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[b + 3], '(' .. ARGV[1], '+inf')) do
+    held = held + redis.call('ZCOUNT', KEYS[b + 2], lid, lid)
+  end
+  out[#out + 1] = held
   out[#out + 1] = redis.call('ZCARD', KEYS[b + 6])
 end
 return out

@@ -41,8 +41,8 @@ async fn key_names_and_record_layout_are_as_documented() {
     );
     let g = store.global_keys();
     assert_eq!(
-        [g.generation.as_str(), g.queues.as_str(), g.dead_id.as_str(), g.dead_index.as_str()],
-        [format!("{p}:gen"), format!("{p}:queues"), format!("{p}:dlid"), format!("{p}:dlq")]
+        g.all(),
+        [format!("{p}:gen"), format!("{p}:queues"), format!("{p}:dlid"), format!("{p}:dlq"), format!("{p}:layout")]
     );
 
     let gens = store
@@ -52,24 +52,32 @@ async fn key_names_and_record_layout_are_as_documented() {
     let mut con = f.con();
     assert_eq!(zscore(&mut con, &k.due, "o-1").await, Some(T0 + 5));
     let rec = hget(&mut con, &k.timers, "o-1").await.expect("record");
-    assert_eq!(rec, format!("{},0,{T0},0,a,b\0", gens[0]).into_bytes());
+    assert_eq!(rec, format!("{},0,{T0},0,5,a,b\0", gens[0]).into_bytes());
+    let layout: String = redis::cmd("GET").arg(&g.layout).query_async(&mut con).await.expect("GET");
+    assert_eq!(layout, overdue_redis::LAYOUT);
     let gen_counter: u64 = redis::cmd("GET").arg(&g.generation).query_async(&mut con).await.expect("GET");
     assert_eq!(gen_counter, gens[0]);
     let queues: Vec<String> = redis::cmd("SMEMBERS").arg(&g.queues).query_async(&mut con).await.expect("SMEMBERS");
     assert_eq!(queues, ["order.close"]);
 
-    // A claim writes the lease and its owner; a retry rewrites the record and records the error.
+    // A claim moves the timer to fly under a new lease id, and writes the lease and its owner
+    // once; a retry rewrites the record, records the error, and (nothing left in flight) drops
+    // the spent lease.
     let r = TimerRef { queue: "order.close".into(), key: "o-1".into(), generation: gens[0], due_at: T0 + 5 };
     assert_eq!(store.claim(std::slice::from_ref(&r), "node-a", T0 + 10, T0 + 1_000).await.expect("claim").len(), 1);
-    assert_eq!(zscore(&mut con, &k.lease, "o-1").await, Some(T0 + 1_000));
-    assert_eq!((zscore(&mut con, &k.due, "o-1").await, zscore(&mut con, &k.fly, "o-1").await), (None, Some(T0 + 5)));
-    assert_eq!(hget(&mut con, &k.owner, "o-1").await.as_deref(), Some(&b"node-a"[..]));
+    assert_eq!((zscore(&mut con, &k.due, "o-1").await, zscore(&mut con, &k.fly, "o-1").await), (None, Some(1)));
+    assert_eq!(zscore(&mut con, &k.lease, "1").await, Some(T0 + 1_000));
+    assert_eq!(hget(&mut con, &k.owner, "1").await.as_deref(), Some(&b"node-a"[..]));
+    assert_eq!(hget(&mut con, &k.owner, "0").await.as_deref(), Some(&b"1"[..]), "the last lease id");
+    assert_eq!(hget(&mut con, &k.timers, "o-1").await, Some(rec), "a claim leaves the record alone");
     let retry = Settlement::Retry { timer: r.clone(), due_at: T0 + 2_000, attempts: 1, error: "boom".into() };
     store.settle(vec![retry], T0 + 20).await.expect("settle");
-    assert_eq!(hget(&mut con, &k.timers, "o-1").await, Some(format!("{},1,{T0},20,a,b\0", gens[0]).into_bytes()));
-    assert_eq!(zscore(&mut con, &k.due, "o-1").await, Some(T0 + 2_000));
-    assert_eq!(zscore(&mut con, &k.lease, "o-1").await, None);
-    assert_eq!(hget(&mut con, &k.owner, "o-1").await, None);
+    assert_eq!(hget(&mut con, &k.timers, "o-1").await, Some(format!("{},1,{T0},20,2000,a,b\0", gens[0]).into_bytes()));
+    assert_eq!((zscore(&mut con, &k.due, "o-1").await, zscore(&mut con, &k.fly, "o-1").await), (Some(T0 + 2_000), None));
+    for key in [&k.lease, &k.owner] {
+        let n: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut con).await.expect("EXISTS");
+        assert_eq!(n, 0, "{key}: the spent lease is gone");
+    }
     assert_eq!(hget(&mut con, &k.error, "o-1").await.as_deref(), Some(&b"boom"[..]));
 
     // A dead letter is one ZSET member scored by its id, and its queue is indexed by id.
@@ -84,7 +92,7 @@ async fn key_names_and_record_layout_are_as_documented() {
     }
     let g2 = store.replay(1, T0 + 40, T0 + 40).await.expect("replay").expect("found");
     assert!(g2 > gens[0]);
-    assert_eq!(hget(&mut con, &k.timers, "o-1").await, Some(format!("{g2},0,{},0,a,b\0", T0 + 40).into_bytes()));
+    assert_eq!(hget(&mut con, &k.timers, "o-1").await, Some(format!("{g2},0,{},0,0,a,b\0", T0 + 40).into_bytes()));
     assert_eq!(hget(&mut con, &g.dead_index, "1").await, None);
     assert!(store.replay(1, T0, T0).await.expect("replay").is_none());
 }
@@ -171,7 +179,7 @@ async fn due_refs_pages_inside_one_millisecond_and_across_queues() {
         (0..2_100).map(|i| TimerSpec::new(["a", "b", "c"][i % 3], format!("k{:04}", i / 3), T0)).collect();
     store.schedule(specs, T0).await.expect("schedule");
     let one = store.claim(&store.due_refs(None, T0, 1).await.expect("refs"), "x", T0, T0 + 10).await.expect("claim");
-    assert_eq!(one.len(), 1, "in-flight timers are listed too");
+    assert_eq!(one.len(), 1);
     let mut seen = Vec::new();
     let mut cursor = None;
     loop {
@@ -186,9 +194,102 @@ async fn due_refs_pages_inside_one_millisecond_and_across_queues() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(seen, sorted, "strictly increasing (due_at, queue, key)");
-    assert_eq!(seen.len(), 2_100);
+    assert_eq!(seen.len(), 2_099, "every pending timer; the claimed one is left out (the claim would refuse it)");
     assert!(store.due_refs(None, T0 - 1, 10).await.expect("refs").is_empty());
     let counts = store.counts(T0).await.expect("counts");
     assert_eq!(counts.iter().fold((0, 0), |(p, f), c| (p + c.pending, f + c.in_flight)), (2_099, 1), "{counts:?}");
     assert!(store.dead_letters(&DeadLetterQuery::default()).await.expect("dead").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lease_per_claim_whatever_its_size() {
+    let Some(f) = common::Fresh::new().await else { return };
+    let a = RedisStore::open_url(&f.node_url("a")).await.expect("open a");
+    let b = RedisStore::open_url(&f.node_url("b")).await.expect("open b");
+    let specs: Vec<TimerSpec> = (0..300).map(|i| TimerSpec::new("q", format!("k{i:03}"), T0)).collect();
+    let gens = a.schedule(specs.clone(), T0).await.expect("schedule");
+    let refs: Vec<TimerRef> =
+        specs.iter().zip(&gens).map(|(s, g)| TimerRef { queue: "q".into(), key: s.key.clone(), generation: *g, due_at: T0 }).collect();
+    // Two claims of 100 by a (leases until T0+1000 and T0+2000), one of 100 by b.
+    assert_eq!(a.claim(&refs[..100], "a", T0, T0 + 1_000).await.expect("claim").len(), 100);
+    assert_eq!(a.claim(&refs[100..200], "a", T0, T0 + 2_000).await.expect("claim").len(), 100);
+    assert_eq!(b.claim(&refs[200..], "b", T0, T0 + 3_000).await.expect("claim").len(), 100);
+    let k = a.queue_keys("q");
+    let mut con = f.con();
+    let leases: Vec<(String, i64)> =
+        redis::cmd("ZRANGE").arg(&k.lease).arg(0).arg(-1).arg("WITHSCORES").query_async(&mut con).await.expect("ZRANGE");
+    assert_eq!(leases, [("1".into(), T0 + 1_000), ("2".into(), T0 + 2_000), ("3".into(), T0 + 3_000)], "three entries for 300 timers");
+    assert_eq!(zscore(&mut con, &k.fly, "k150").await, Some(2));
+    let state = |t: Option<overdue_core::Timer>| t.expect("timer").state;
+    assert_eq!(state(a.get("q", "k250", T0).await.expect("get")), TimerState::InFlight { owner: "b".into(), lease_until: T0 + 3_000 });
+    let c = a.counts(T0).await.expect("counts");
+    assert_eq!((c[0].pending, c[0].in_flight), (0, 300));
+    // After the first lease only its 100 are in flight no more, and only they can be taken over,
+    // by claim (refs) as by claim_due.
+    let c = a.counts(T0 + 1_000).await.expect("counts");
+    assert_eq!((c[0].pending, c[0].in_flight), (100, 200));
+    assert!(b.claim(&refs[100..110], "b", T0 + 1_000, T0 + 9_000).await.expect("claim").is_empty());
+    assert_eq!(b.claim(&refs[..10], "b", T0 + 1_000, T0 + 9_000).await.expect("claim").len(), 10);
+    let rest = b.claim_due(T0 + 1_000, T0 + 1_000, 1_000, "b", T0 + 9_000).await.expect("claim_due");
+    let keys: Vec<&str> = rest.iter().map(|c| c.timer.key.as_str()).collect();
+    let want: Vec<String> = (10..100).map(|i| format!("k{i:03}")).collect();
+    assert_eq!(keys, want, "exactly the expired lease's other timers, in order");
+    assert_eq!(rest[0].timer.due_at, T0);
+    // Lease 1 holds nothing now; the next sweep after it expired drops it.
+    assert!(b.claim_due(T0 + 1_000, T0 + 1_000, 1_000, "b", T0 + 9_000).await.expect("claim_due").is_empty());
+    assert_eq!(zscore(&mut con, &k.lease, "1").await, None, "the spent lease is swept");
+    // Settling everything leaves nothing behind in fly, lease or owner.
+    let done: Vec<Settlement> = refs.iter().cloned().map(Settlement::Done).collect();
+    a.settle(done, T0 + 1_001).await.expect("settle");
+    for key in [&k.due, &k.timers, &k.fly, &k.lease, &k.owner] {
+        let n: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut con).await.expect("EXISTS");
+        assert_eq!(n, 0, "{key} should be gone once nothing is in flight");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_in_another_layout_is_refused_and_left_alone() {
+    let Some(f) = common::Fresh::new().await else { return };
+    let store = RedisStore::open_url(&f.url).await.expect("open");
+    store.schedule(vec![TimerSpec::new("q", "k", T0)], T0).await.expect("schedule");
+    let g = store.global_keys().clone();
+    let k = store.queue_keys("q");
+    let mut con = f.con();
+    // A prefix stamped with another layout is refused, naming both layouts and the way out.
+    let _: () = redis::cmd("SET").arg(&g.layout).arg("3").query_async(&mut con).await.expect("SET");
+    let e = RedisStore::open_url(&f.url).await.expect_err("layout 3");
+    let msg = e.to_string();
+    assert!(msg.contains("key layout 3") && msg.contains("reads layout 2") && msg.contains("prefix="), "{msg}");
+    // No stamp but timer records: written by a version before the stamp (layout 1).
+    let _: () = redis::cmd("DEL").arg(&g.layout).query_async(&mut con).await.expect("DEL");
+    let e = RedisStore::open_url(&f.url).await.expect_err("layout 1");
+    assert!(e.to_string().contains("key layout 1"), "{e}");
+    let n: i64 = redis::cmd("EXISTS").arg(&g.layout).query_async(&mut con).await.expect("EXISTS");
+    assert_eq!(n, 0, "a refused open writes nothing");
+    assert!(hget(&mut con, &k.timers, "k").await.is_some(), "and leaves the timers alone");
+    // A prefix whose queues hold no records (drained) is stamped and used.
+    let _: i64 = redis::cmd("DEL").arg(&k.timers).arg(&k.due).query_async(&mut con).await.expect("DEL");
+    RedisStore::open_url(&f.url).await.expect("a drained prefix opens");
+    let stamp: String = redis::cmd("GET").arg(&g.layout).query_async(&mut con).await.expect("GET");
+    assert_eq!(stamp, overdue_redis::LAYOUT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_is_behind_still_writes_readable_records() {
+    let Some(f) = common::Fresh::new().await else { return };
+    let a = RedisStore::open_url(&f.node_url("a")).await.expect("open a");
+    // Created by a node at T0, replaced by one whose clock reads 500 ms earlier, due before both.
+    a.schedule(vec![TimerSpec::new("q", "k", T0 + 100)], T0).await.expect("schedule");
+    let g = a.schedule(vec![TimerSpec::new("q", "k", T0 - 900).with_payload(b"p".to_vec())], T0 - 500).await.expect("replace")[0];
+    let mut con = f.con();
+    let rec = hget(&mut con, &a.queue_keys("q").timers, "k").await.expect("record");
+    assert_eq!(rec, format!("{g},0,{T0},-500,-900,p").into_bytes());
+    let t = a.get("q", "k", T0 - 500).await.expect("get").expect("timer");
+    assert_eq!((t.created_at, t.updated_at, t.due_at, t.generation), (T0, T0 - 500, T0 - 900, g));
+    let r = TimerRef { queue: "q".into(), key: "k".into(), generation: g, due_at: T0 - 900 };
+    let won = a.claim(std::slice::from_ref(&r), "a", T0 - 500, T0 + 1_000).await.expect("claim");
+    assert_eq!(won.len(), 1, "the skewed record is claimable");
+    assert_eq!(won[0].payload, b"p");
+    a.settle(vec![Settlement::Done(r)], T0 - 400).await.expect("settle");
+    assert!(a.get("q", "k", T0).await.expect("get").is_none());
 }
