@@ -1,8 +1,8 @@
 //! Key names. See the crate docs for what each key holds.
 
 /// The key layout this version reads and writes, stamped in [`GlobalKeys::layout`]. Layout 1
-/// (overdue before this stamp existed) kept one lease entry per claimed timer and no due time
-/// in the record; its records cannot be read by layout 2.
+/// (overdue before this stamp existed) kept one lease entry per claimed timer, no due time in
+/// the record and bare keys in `due`; its records cannot be read by layout 2.
 pub const LAYOUT: &str = "2";
 
 /// The store-wide keys of one prefix.
@@ -42,7 +42,8 @@ impl GlobalKeys {
 /// they all live in the slot `CRC16("<prefix>:q:<queue>") mod 16384`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueKeys {
-    /// ZSET: member = timer key, score = due_at (ms). The pending timers (not claimed).
+    /// ZSET: member = `<timer key>\0<generation>`, score = due_at (ms). The pending timers (not
+    /// claimed); the generation in the member lets the window load skip the records.
     pub due: String,
     /// HASH: field = timer key, value = the timer's record (generation, attempts, created,
     /// updated, due, payload).

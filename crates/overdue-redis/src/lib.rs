@@ -15,7 +15,7 @@
 //! | `P:dlid` | STRING | the dead-letter id counter (`INCR`) |
 //! | `P:dlq` | HASH | dead-letter id → queue, so `replay(id)` finds the queue |
 //! | `P:layout` | STRING | the key layout the prefix holds (`2`, [`LAYOUT`]); `open` refuses another |
-//! | `{P:q:Q}:due` | ZSET | member = timer key, score = `due_at` ms: the pending (unclaimed) timers of queue `Q` |
+//! | `{P:q:Q}:due` | ZSET | member = `<timer key>\0<generation>`, score = `due_at` ms: the pending (unclaimed) timers of queue `Q` |
 //! | `{P:q:Q}:t` | HASH | field = timer key, value = the record `<generation>,<attempts>,<created_at>,<updated_at - created_at>,<due_at - created_at>,<payload bytes>` |
 //! | `{P:q:Q}:fly` | ZSET | member = timer key, score = the id of the lease holding it: the claimed timers (a claim moves a member from `due` to here; retry and release move it back) |
 //! | `{P:q:Q}:lease` | ZSET | member = lease id, score = `lease_until` ms: one entry per claim (a batch), not per timer; a score `<= now` is an expired lease, its timers claimable again |

@@ -7,8 +7,9 @@
 //!
 //! A timer's record (the field `key` of the `t` hash) is
 //! `<generation>,<attempts>,<created_at>,<updated - created>,<due - created>,<payload bytes>`.
-//! A pending timer is in `due` (scored by its due time); a claimed one is in `fly`, scored by
-//! the id of the claim that holds it. One claim (a batch) is one lease: `lease` scores the id
+//! A pending timer is in `due` as `<key>\0<generation>` (scored by its due time, so the window
+//! load reads the generation without the records); a claimed one is in `fly` as `<key>`, scored
+//! by the id of the claim that holds it. One claim (a batch) is one lease: `lease` scores the id
 //! by `lease_until` and `owner` maps it to the node (its field `0` is the last id issued), so a
 //! claim writes two entries per batch, not two per timer.
 
@@ -53,21 +54,25 @@ local function vget(cmd, key, args)
   end
   return out
 end
+-- The due set's member for key at generation g, and back (keys hold no control characters;
+-- the generation is the digits after the last NUL either way).
+local function mem(key, g) return key .. '\0' .. g end
+local function split(m) return string.match(m, '^(.*)%z(%d+)$') end
 local function record(g, attempts, created, updated, due, payload)
   local c = tonumber(created)
   return g .. ',' .. attempts .. ',' .. fmt(c) .. ',' .. fmt(tonumber(updated) - c) .. ',' ..
     fmt(tonumber(due) - c) .. ',' .. payload
 end
-local function drop(b, key)
-  redis.call('ZREM', KEYS[b], key)
+local function drop(b, key, g)
+  redis.call('ZREM', KEYS[b], mem(key, g))
   redis.call('HDEL', KEYS[b + 1], key)
   redis.call('ZREM', KEYS[b + 2], key)
   redis.call('HDEL', KEYS[b + 5], key)
 end
--- Drops the claim (if any) and makes the timer pending, due at due.
-local function unlease(b, key, due)
+-- Drops the claim (if any) and makes the timer (generation g) pending, due at due.
+local function unlease(b, key, g, due)
   redis.call('ZREM', KEYS[b + 2], key)
-  redis.call('ZADD', KEYS[b], due, key)
+  redis.call('ZADD', KEYS[b], due, mem(key, g))
 end
 -- With nothing in flight every lease is spent: drop them all (lease ids start again at 1,
 -- which is safe because no timer names an old one).
@@ -88,85 +93,79 @@ local function upsert(b, key, due, payload, g, now)
   local created = now
   local old = redis.call('HGET', KEYS[b + 1], key)
   if old then
-    local _, _, c = parse(old)
+    local og, _, c = parse(old)
     if c then created = c end
+    redis.call('ZREM', KEYS[b], mem(key, og))
     redis.call('ZREM', KEYS[b + 2], key)
     redis.call('HDEL', KEYS[b + 5], key)
   end
   redis.call('HSET', KEYS[b + 1], key, record(fmt(g), 0, created, now, due, payload))
-  redis.call('ZADD', KEYS[b], due, key)
+  redis.call('ZADD', KEYS[b], due, mem(key, fmt(g)))
 end
 -- Claims, in the group of queue keys at b, those of keys (distinct) whose record exists, whose
--- generation equals gens[j] (any generation if gens is nil), that are due at now and either
--- pending or held by a lease that has expired (or is gone); as one new lease for owner until
--- lease_until. A handful of variadic calls for the whole list, and two writes for the lease.
--- Returns, per claimed key, {j, generation, due, attempts, payload} in the order of keys.
+-- generation equals gens[j] (any generation if gens is nil), that are due at now (the record
+-- holds the due time) and either pending or held by a lease that has expired (or is gone); as
+-- one new lease for owner until lease_until. A handful of variadic calls for the whole list, and
+-- two writes for the lease. Returns, per claimed key, {j, generation, due, attempts, payload} in
+-- the order of keys.
 local function take_all(b, keys, gens, now, owner, lease_until)
   local recs = vget('HMGET', KEYS[b + 1], keys)
-  local dues = vget('ZMSCORE', KEYS[b], keys)
-  local won, moved, again = {}, {}, {}
+  local won, ks, ms = {}, {}, {}
   for j = 1, #keys do
     local v = recs[j]
     if v then
-      local g = string.match(v, '^(%d+),')
-      if gens == nil or g == gens[j] then
-        local d = dues[j]
-        if d then
-          if tonumber(d) <= now then
-            won[#won + 1] = {j, g, d, v}
-            moved[#moved + 1] = keys[j]
-          end
-        else
-          again[#again + 1] = j
-        end
+      local _, e, g, a, c, _, dd = string.find(v, HEAD)
+      local d = tonumber(c) + tonumber(dd)
+      if (gens == nil or g == gens[j]) and d <= now then
+        won[#won + 1] = {j, g, fmt(d), tonumber(a), string.sub(v, e + 1)}
+        ks[#ks + 1] = keys[j]
+        ms[#ms + 1] = mem(keys[j], g)
       end
     end
   end
-  if #again > 0 then
-    -- Not pending: claimable only if in flight under a lease that has expired.
-    local ks = {}
-    for x = 1, #again do ks[x] = keys[again[x]] end
+  if #won == 0 then return won end
+  -- A timer is in exactly one of due and fly, so when ZREM takes every candidate out of due (the
+  -- usual case) none was in flight and no lookup is needed.
+  if vcall('ZREM', KEYS[b], ms) < #ms then
+    -- Those in fly are claimable only under a lease that has expired or is gone; the others were
+    -- pending and have just left due.
     local ls = vget('ZMSCORE', KEYS[b + 2], ks)
     local ids, seen = {}, {}
-    for x = 1, #again do
+    for x = 1, #ks do
       local l = ls[x]
       if l and not seen[l] then
         seen[l] = true
         ids[#ids + 1] = l
       end
     end
+    local live = {}
     if #ids > 0 then
       local untils = vget('ZMSCORE', KEYS[b + 3], ids)
-      local live = {}
       for x = 1, #ids do
         if untils[x] and tonumber(untils[x]) > now then live[ids[x]] = true end
       end
-      for x = 1, #again do
-        local l = ls[x]
-        if l and not live[l] then
-          local j = again[x]
-          local d = due_in(recs[j])
-          if tonumber(d) <= now then won[#won + 1] = {j, string.match(recs[j], '^(%d+),'), d, recs[j]} end
-        end
-      end
-      table.sort(won, function(x, y) return x[1] < y[1] end)
     end
+    local keep, kk = {}, {}
+    for x = 1, #ks do
+      local l = ls[x]
+      if not (l and live[l]) then
+        keep[#keep + 1] = won[x]
+        kk[#kk + 1] = ks[x]
+      end
+    end
+    won, ks = keep, kk
+    if #won == 0 then return won end
   end
-  if #won == 0 then return won end
   local lid = redis.call('HINCRBY', KEYS[b + 4], '0', 1)
-  local fly, out = {}, {}
-  for x = 1, #won do
-    local w = won[x]
+  local fly = {}
+  for x = 1, #ks do
     fly[#fly + 1] = lid
-    fly[#fly + 1] = keys[w[1]]
-    local _, e, _, a = string.find(w[4], HEAD)
-    out[x] = {w[1], w[2], w[3], tonumber(a), string.sub(w[4], e + 1)}
+    fly[#fly + 1] = ks[x]
   end
-  if #moved > 0 then vcall('ZREM', KEYS[b], moved) end
   vcall('ZADD', KEYS[b + 2], fly)
   redis.call('ZADD', KEYS[b + 3], lease_until, lid)
   redis.call('HSET', KEYS[b + 4], lid, owner)
-  return out
+  return won
 end
 "#;
 
@@ -195,27 +194,38 @@ end
 local nnow = tonumber(now)
 for qi, g in pairs(groups) do
   local b = 3 + (qi - 1) * 7
-  local keys = {}
-  for x = 1, #g do keys[x] = ARGV[g[x] + 2] end
-  local olds = vget('HMGET', KEYS[b + 1], keys)
-  local replaced, recs, dues = {}, {}, {}
+  -- A key named twice in the batch: only its last entry is written (the earlier generation is
+  -- replaced at once).
+  local last = {}
+  for x = 1, #g do last[ARGV[g[x] + 2]] = x end
+  local keys, at = {}, {}
   for x = 1, #g do
-    local oi = g[x]
+    if last[ARGV[g[x] + 2]] == x then
+      keys[#keys + 1] = ARGV[g[x] + 2]
+      at[#at + 1] = g[x]
+    end
+  end
+  local olds = vget('HMGET', KEYS[b + 1], keys)
+  local replaced, stale, recs, dues = {}, {}, {}, {}
+  for x = 1, #keys do
+    local oi = at[x]
     local created, key = nnow, keys[x]
     if olds[x] then
-      local c = string.match(olds[x], '^%d+,%d+,(%d+),')
+      local og, c = string.match(olds[x], '^(%d+),%d+,(%d+),')
       if c then created = tonumber(c) end
       replaced[#replaced + 1] = key
+      stale[#stale + 1] = mem(key, og)
     end
-    local gen = first + (oi - 3 - nq) / 4
+    local gen = fmt(first + (oi - 3 - nq) / 4)
     recs[#recs + 1] = key
-    recs[#recs + 1] = fmt(gen) .. ',0,' .. fmt(created) .. ',' .. fmt(nnow - created) .. ',' ..
+    recs[#recs + 1] = gen .. ',0,' .. fmt(created) .. ',' .. fmt(nnow - created) .. ',' ..
       fmt(tonumber(ARGV[oi + 3]) - created) .. ',' .. ARGV[oi + 4]
     dues[#dues + 1] = ARGV[oi + 3]
-    dues[#dues + 1] = key
+    dues[#dues + 1] = mem(key, gen)
   end
   if #replaced > 0 then
-    -- A replaced timer loses its claim and its last error.
+    -- A replaced timer leaves due under its old generation, and loses its claim and last error.
+    vcall('ZREM', KEYS[b], stale)
     vcall('ZREM', KEYS[b + 2], replaced)
     vcall('HDEL', KEYS[b + 5], replaced)
   end
@@ -230,7 +240,7 @@ const CANCEL: &str = r#"
 local v = redis.call('HGET', KEYS[2], ARGV[1])
 if not v then return false end
 local g = parse(v)
-drop(1, ARGV[1])
+drop(1, ARGV[1], g)
 return tonumber(g)
 "#;
 
@@ -304,7 +314,7 @@ local cands = {}
 for qi = 1, #KEYS / 7 do
   local b = 1 + (qi - 1) * 7
   local r = redis.call('ZRANGEBYSCORE', KEYS[b], '-inf', due_before, 'WITHSCORES', 'LIMIT', 0, limit)
-  for j = 1, #r, 2 do cands[#cands + 1] = {tonumber(r[j + 1]), qi, r[j]} end
+  for j = 1, #r, 2 do cands[#cands + 1] = {tonumber(r[j + 1]), qi, (split(r[j]))} end
   -- Expired leases: their timers are due again (at their own due times). A lease that holds
   -- no timer any more is spent and goes.
   local x = redis.call('ZRANGEBYSCORE', KEYS[b + 3], '-inf', now, 'LIMIT', 0, limit)
@@ -393,17 +403,20 @@ end
 for qi, g in pairs(done) do
   local b = 3 + (qi - 1) * 7
   local recs = vget('HMGET', KEYS[b + 1], g.keys)
-  local del = {}
+  local del, dm = {}, {}
   for j = 1, #g.keys do
     local v = recs[j]
-    if v and string.match(v, '^(%d+),') == g.gens[j] then del[#del + 1] = g.keys[j] end
+    if v and string.match(v, '^(%d+),') == g.gens[j] then
+      del[#del + 1] = g.keys[j]
+      dm[#dm + 1] = mem(g.keys[j], g.gens[j])
+    end
   end
   if #del > 0 then
     applied = applied + #del
     vcall('HDEL', KEYS[b + 1], del)
     -- A timer is in exactly one of due and fly: when every one was in flight (the usual case)
     -- due needs no lookups. The leases are left alone (one per claim, not per timer).
-    if vcall('ZREM', KEYS[b + 2], del) < #del then vcall('ZREM', KEYS[b], del) end
+    if vcall('ZREM', KEYS[b + 2], del) < #del then vcall('ZREM', KEYS[b], dm) end
     if redis.call('EXISTS', KEYS[b + 5]) == 1 then vcall('HDEL', KEYS[b + 5], del) end
   end
 end
@@ -416,13 +429,13 @@ for _, o in ipairs(rest) do
     if g == gen then
       applied = applied + 1
       if kind == 'D' then
-        drop(b, key)
+        drop(b, key, g)
       elseif kind == 'L' then
-        unlease(b, key, due_in(v))
+        unlease(b, key, g, due_in(v))
       elseif kind == 'R' then
         redis.call('HSET', KEYS[b + 1], key, record(g, ARGV[o + 5], c, now, ARGV[o + 4], string.sub(v, e + 1)))
         redis.call('HSET', KEYS[b + 5], key, ARGV[o + 6])
-        unlease(b, key, ARGV[o + 4])
+        unlease(b, key, g, ARGV[o + 4])
       elseif kind == 'X' then
         local id = redis.call('INCR', KEYS[1])
         local due = due_in(v)
@@ -431,7 +444,7 @@ for _, o in ipairs(rest) do
           fmt(#key) .. ',' .. fmt(#err) .. ',' .. key .. err .. string.sub(v, e + 1)
         redis.call('ZADD', KEYS[b + 6], id, m)
         redis.call('HSET', KEYS[2], fmt(id), ARGV[2 + qi])
-        drop(b, key)
+        drop(b, key, g)
       end
     end
   end
@@ -452,14 +465,14 @@ local key = string.sub(m, e + 1, e + tonumber(kl))
 local payload = string.sub(m, e + tonumber(kl) + tonumber(el) + 1)
 redis.call('ZREM', KEYS[9], m)
 local ng = redis.call('INCR', KEYS[1])
-redis.call('ZREM', KEYS[3], key)
 upsert(3, key, ARGV[2], payload, ng, ARGV[3])
 return ng
 "#;
 
 /// KEYS: a group per queue. ARGV: until, limit, details (0/1), then per queue (mode, lo, key):
 /// mode `a` from -inf, `i` due >= lo, `x` due > lo, `k` (due, key) > (lo, key). Reads the
-/// pending set of each queue and, with details, the in-flight set too (scored by lease id, so
+/// pending set of each queue (its members carry the generation: without details no record is
+/// read) and, with details, the in-flight set too (scored by lease id, so
 /// read whole: it holds what is claimed, at most the nodes' `max_in_flight`). Returns per timer
 /// (queue index, key, due, record-or-generation, lease_until, owner, last_error); without
 /// details only the first four, with the generation instead of the record.
@@ -474,7 +487,7 @@ local function rng(z, mode, lo, ck)
     while start < hi do
       local mid = math.floor((start + hi) / 2)
       local m = redis.call('ZRANGE', z, mid, mid)[1]
-      if lt(ck, m) then hi = mid else start = mid + 1 end
+      if lt(ck, (split(m))) then hi = mid else start = mid + 1 end
     end
     return redis.call('ZRANGE', z, start, start + limit - 1, 'WITHSCORES')
   end
@@ -507,7 +520,7 @@ local function emit(qi, b, key, due, v, lid)
     end
     out[#out + 1] = redis.call('HGET', KEYS[b + 5], key)
   else
-    out[#out + 1] = string.match(v, '^(%d+),')
+    out[#out + 1] = v
   end
 end
 for qi = 1, #KEYS / 7 do
@@ -515,16 +528,21 @@ for qi = 1, #KEYS / 7 do
   local o = 4 + (qi - 1) * 3
   local mode, lo, ck = ARGV[o], ARGV[o + 1], ARGV[o + 2]
   local r = rng(KEYS[b], mode, lo, ck)
-  local ks = {}
+  local ks, gs = {}, {}
   for j = 1, #r, 2 do
     if tonumber(r[j + 1]) > nupto then break end
-    ks[#ks + 1] = r[j]
+    local k, g = split(r[j])
+    ks[#ks + 1] = k
+    gs[#gs + 1] = g
   end
-  if #ks > 0 then
+  if details and #ks > 0 then
     local vs = vget('HMGET', KEYS[b + 1], ks)
     for x = 1, #ks do
       if vs[x] then emit(qi, b, ks[x], r[2 * x], vs[x], nil) end
     end
+  else
+    -- The generation is in the member: no record is read.
+    for x = 1, #ks do emit(qi, b, ks[x], r[2 * x], gs[x], nil) end
   end
   if details then
     local f = redis.call('ZRANGE', KEYS[b + 2], 0, -1, 'WITHSCORES')

@@ -50,7 +50,10 @@ async fn key_names_and_record_layout_are_as_documented() {
         .await
         .expect("schedule");
     let mut con = f.con();
-    assert_eq!(zscore(&mut con, &k.due, "o-1").await, Some(T0 + 5));
+    // The due member carries the generation, so the window load reads no record.
+    let member = format!("o-1\0{}", gens[0]);
+    assert_eq!(zscore(&mut con, &k.due, &member).await, Some(T0 + 5));
+    assert_eq!(zscore(&mut con, &k.due, "o-1").await, None);
     let rec = hget(&mut con, &k.timers, "o-1").await.expect("record");
     assert_eq!(rec, format!("{},0,{T0},0,5,a,b\0", gens[0]).into_bytes());
     let layout: String = redis::cmd("GET").arg(&g.layout).query_async(&mut con).await.expect("GET");
@@ -65,7 +68,7 @@ async fn key_names_and_record_layout_are_as_documented() {
     // the spent lease.
     let r = TimerRef { queue: "order.close".into(), key: "o-1".into(), generation: gens[0], due_at: T0 + 5 };
     assert_eq!(store.claim(std::slice::from_ref(&r), "node-a", T0 + 10, T0 + 1_000).await.expect("claim").len(), 1);
-    assert_eq!((zscore(&mut con, &k.due, "o-1").await, zscore(&mut con, &k.fly, "o-1").await), (None, Some(1)));
+    assert_eq!((zscore(&mut con, &k.due, &member).await, zscore(&mut con, &k.fly, "o-1").await), (None, Some(1)));
     assert_eq!(zscore(&mut con, &k.lease, "1").await, Some(T0 + 1_000));
     assert_eq!(hget(&mut con, &k.owner, "1").await.as_deref(), Some(&b"node-a"[..]));
     assert_eq!(hget(&mut con, &k.owner, "0").await.as_deref(), Some(&b"1"[..]), "the last lease id");
@@ -73,7 +76,7 @@ async fn key_names_and_record_layout_are_as_documented() {
     let retry = Settlement::Retry { timer: r.clone(), due_at: T0 + 2_000, attempts: 1, error: "boom".into() };
     store.settle(vec![retry], T0 + 20).await.expect("settle");
     assert_eq!(hget(&mut con, &k.timers, "o-1").await, Some(format!("{},1,{T0},20,2000,a,b\0", gens[0]).into_bytes()));
-    assert_eq!((zscore(&mut con, &k.due, "o-1").await, zscore(&mut con, &k.fly, "o-1").await), (Some(T0 + 2_000), None));
+    assert_eq!((zscore(&mut con, &k.due, &member).await, zscore(&mut con, &k.fly, "o-1").await), (Some(T0 + 2_000), None));
     for key in [&k.lease, &k.owner] {
         let n: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut con).await.expect("EXISTS");
         assert_eq!(n, 0, "{key}: the spent lease is gone");
@@ -93,6 +96,8 @@ async fn key_names_and_record_layout_are_as_documented() {
     let g2 = store.replay(1, T0 + 40, T0 + 40).await.expect("replay").expect("found");
     assert!(g2 > gens[0]);
     assert_eq!(hget(&mut con, &k.timers, "o-1").await, Some(format!("{g2},0,{},0,0,a,b\0", T0 + 40).into_bytes()));
+    let members: Vec<String> = redis::cmd("ZRANGE").arg(&k.due).arg(0).arg(-1).query_async(&mut con).await.expect("ZRANGE");
+    assert_eq!(members, [format!("o-1\0{g2}")], "the replayed timer is due under its new generation only");
     assert_eq!(hget(&mut con, &g.dead_index, "1").await, None);
     assert!(store.replay(1, T0, T0).await.expect("replay").is_none());
 }
@@ -292,4 +297,34 @@ async fn a_node_whose_clock_is_behind_still_writes_readable_records() {
     assert_eq!(won[0].payload, b"p");
     a.settle(vec![Settlement::Done(r)], T0 - 400).await.expect("settle");
     assert!(a.get("q", "k", T0).await.expect("get").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_timer_is_due_once_under_its_last_generation() {
+    let Some(f) = common::Fresh::new().await else { return };
+    let s = RedisStore::open_url(&f.url).await.expect("open");
+    let k = s.queue_keys("q");
+    let mut con = f.con();
+    let members = async |con: &mut redis::aio::MultiplexedConnection| -> Vec<(String, i64)> {
+        redis::cmd("ZRANGE").arg(&k.due).arg(0).arg(-1).arg("WITHSCORES").query_async(con).await.expect("ZRANGE")
+    };
+    // The same key twice in one batch, then again in a later batch, then rescheduled.
+    let g = s
+        .schedule(vec![TimerSpec::new("q", "k", T0 + 1), TimerSpec::new("q", "j", T0 + 3), TimerSpec::new("q", "k", T0 + 2)], T0)
+        .await
+        .expect("schedule");
+    assert!(g[0] < g[2]);
+    assert_eq!(members(&mut con).await, [(format!("k\0{}", g[2]), T0 + 2), (format!("j\0{}", g[1]), T0 + 3)]);
+    let g3 = s.schedule(vec![TimerSpec::new("q", "k", T0 + 5)], T0).await.expect("schedule")[0];
+    let g4 = s.reschedule("q", "j", T0 + 4, T0).await.expect("reschedule").expect("found");
+    assert_eq!(members(&mut con).await, [(format!("j\0{g4}"), T0 + 4), (format!("k\0{g3}"), T0 + 5)]);
+    let refs = s.due_refs(None, T0 + 10, 10).await.expect("due_refs");
+    let got: Vec<(&str, u64, i64)> = refs.iter().map(|r| (r.key.as_str(), r.generation, r.due_at)).collect();
+    assert_eq!(got, [("j", g4, T0 + 4), ("k", g3, T0 + 5)]);
+    // A stale reference (the first generation) claims nothing; the live one claims.
+    let stale = TimerRef { queue: "q".into(), key: "k".into(), generation: g[0], due_at: T0 + 1 };
+    assert!(s.claim(&[stale], "n", T0 + 10, T0 + 1_000).await.expect("claim").is_empty());
+    assert_eq!(s.claim(&refs, "n", T0 + 10, T0 + 1_000).await.expect("claim").len(), 2);
+    assert!(members(&mut con).await.is_empty());
+    assert!(s.cancel("q", "k").await.expect("cancel").is_some());
 }
