@@ -63,15 +63,39 @@ local function record(g, attempts, created, updated, due, payload)
   return g .. ',' .. attempts .. ',' .. fmt(c) .. ',' .. fmt(tonumber(updated) - c) .. ',' ..
     fmt(tonumber(due) - c) .. ',' .. payload
 end
+-- Drops those of the lease ids (a list, repeats allowed) that hold no timer any more, so `lease`
+-- names live claims only and a sweep for expired ones finds a dead node's at once. One ZCOUNT
+-- per distinct id: a settle batch names one claim or a few.
+local function spend(b, lids)
+  local seen = {}
+  for j = 1, #lids do
+    local l = lids[j]
+    if l and not seen[l] then
+      seen[l] = true
+      if redis.call('ZCOUNT', KEYS[b + 2], l, l) == 0 then
+        redis.call('ZREM', KEYS[b + 3], l)
+        redis.call('HDEL', KEYS[b + 4], l)
+      end
+    end
+  end
+end
+-- Takes key out of fly (if it is there) and drops its claim when that held nothing else.
+local function unfly(b, key)
+  local l = redis.call('ZSCORE', KEYS[b + 2], key)
+  if l then
+    redis.call('ZREM', KEYS[b + 2], key)
+    spend(b, {l})
+  end
+end
 local function drop(b, key, g)
   redis.call('ZREM', KEYS[b], mem(key, g))
   redis.call('HDEL', KEYS[b + 1], key)
-  redis.call('ZREM', KEYS[b + 2], key)
+  unfly(b, key)
   redis.call('HDEL', KEYS[b + 5], key)
 end
 -- Drops the claim (if any) and makes the timer (generation g) pending, due at due.
 local function unlease(b, key, g, due)
-  redis.call('ZREM', KEYS[b + 2], key)
+  unfly(b, key)
   redis.call('ZADD', KEYS[b], due, mem(key, g))
 end
 -- With nothing in flight every lease is spent: drop them all (lease ids start again at 1,
@@ -96,7 +120,7 @@ local function upsert(b, key, due, payload, g, now)
     local og, _, c = parse(old)
     if c then created = c end
     redis.call('ZREM', KEYS[b], mem(key, og))
-    redis.call('ZREM', KEYS[b + 2], key)
+    unfly(b, key)
     redis.call('HDEL', KEYS[b + 5], key)
   end
   redis.call('HSET', KEYS[b + 1], key, record(fmt(g), 0, created, now, due, payload))
@@ -124,12 +148,14 @@ local function take_all(b, keys, gens, now, owner, lease_until)
     end
   end
   if #won == 0 then return won end
+  local taken = nil
   -- A timer is in exactly one of due and fly, so when ZREM takes every candidate out of due (the
   -- usual case) none was in flight and no lookup is needed.
   if vcall('ZREM', KEYS[b], ms) < #ms then
     -- Those in fly are claimable only under a lease that has expired or is gone; the others were
     -- pending and have just left due.
     local ls = vget('ZMSCORE', KEYS[b + 2], ks)
+    taken = ls
     local ids, seen = {}, {}
     for x = 1, #ks do
       local l = ls[x]
@@ -165,6 +191,8 @@ local function take_all(b, keys, gens, now, owner, lease_until)
   vcall('ZADD', KEYS[b + 2], fly)
   redis.call('ZADD', KEYS[b + 3], lease_until, lid)
   redis.call('HSET', KEYS[b + 4], lid, owner)
+  -- Expired claims this one took timers from go once they hold nothing.
+  if taken then spend(b, taken) end
   return won
 end
 "#;
@@ -226,7 +254,8 @@ for qi, g in pairs(groups) do
   if #replaced > 0 then
     -- A replaced timer leaves due under its old generation, and loses its claim and last error.
     vcall('ZREM', KEYS[b], stale)
-    vcall('ZREM', KEYS[b + 2], replaced)
+    local lids = vget('ZMSCORE', KEYS[b + 2], replaced)
+    if vcall('ZREM', KEYS[b + 2], replaced) > 0 then spend(b, lids) end
     vcall('HDEL', KEYS[b + 5], replaced)
   end
   vcall('HSET', KEYS[b + 1], recs)
@@ -316,26 +345,33 @@ for qi = 1, #KEYS / 7 do
   local r = redis.call('ZRANGEBYSCORE', KEYS[b], '-inf', due_before, 'WITHSCORES', 'LIMIT', 0, limit)
   for j = 1, #r, 2 do cands[#cands + 1] = {tonumber(r[j + 1]), qi, (split(r[j]))} end
   -- Expired leases: their timers are due again (at their own due times). A lease that holds
-  -- no timer any more is spent and goes.
-  local x = redis.call('ZRANGEBYSCORE', KEYS[b + 3], '-inf', now, 'LIMIT', 0, limit)
-  local room = limit
-  for j = 1, #x do
-    if room <= 0 then break end
-    local ks = redis.call('ZRANGEBYSCORE', KEYS[b + 2], x[j], x[j], 'LIMIT', 0, room)
-    if #ks == 0 then
-      redis.call('ZREM', KEYS[b + 3], x[j])
-      redis.call('HDEL', KEYS[b + 4], x[j])
-    else
-      local vs = vget('HMGET', KEYS[b + 1], ks)
-      for y = 1, #ks do
-        if vs[y] then
-          local d = tonumber(due_in(vs[y]))
-          if d <= tonumber(due_before) then cands[#cands + 1] = {d, qi, ks[y]} end
-        else
-          redis.call('ZREM', KEYS[b + 2], ks[y])
+  -- no timer any more (its timers were cancelled or rescheduled in flight) is spent and goes,
+  -- without using up the room: up to `budget` of them per call, so a pile of them never hides a
+  -- dead node's claims behind it for more than a sweep or two.
+  local room, off, budget = limit, 0, 4 * limit + 1000
+  while room > 0 and budget > 0 do
+    local x = redis.call('ZRANGEBYSCORE', KEYS[b + 3], '-inf', now, 'LIMIT', off, limit)
+    if #x == 0 then break end
+    for j = 1, #x do
+      if room <= 0 or budget <= 0 then break end
+      local ks = redis.call('ZRANGEBYSCORE', KEYS[b + 2], x[j], x[j], 'LIMIT', 0, room)
+      if #ks == 0 then
+        redis.call('ZREM', KEYS[b + 3], x[j])
+        redis.call('HDEL', KEYS[b + 4], x[j])
+        budget = budget - 1
+      else
+        off = off + 1
+        local vs = vget('HMGET', KEYS[b + 1], ks)
+        for y = 1, #ks do
+          if vs[y] then
+            local d = tonumber(due_in(vs[y]))
+            if d <= tonumber(due_before) then cands[#cands + 1] = {d, qi, ks[y]} end
+          else
+            redis.call('ZREM', KEYS[b + 2], ks[y])
+          end
         end
+        room = room - #ks
       end
-      room = room - #ks
     end
   end
 end
@@ -415,8 +451,10 @@ for qi, g in pairs(done) do
     applied = applied + #del
     vcall('HDEL', KEYS[b + 1], del)
     -- A timer is in exactly one of due and fly: when every one was in flight (the usual case)
-    -- due needs no lookups. The leases are left alone (one per claim, not per timer).
+    -- due needs no lookups. The claims they were under go once they hold nothing.
+    local lids = vget('ZMSCORE', KEYS[b + 2], del)
     if vcall('ZREM', KEYS[b + 2], del) < #del then vcall('ZREM', KEYS[b], dm) end
+    spend(b, lids)
     if redis.call('EXISTS', KEYS[b + 5]) == 1 then vcall('HDEL', KEYS[b + 5], del) end
   end
 end

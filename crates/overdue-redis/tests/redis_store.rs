@@ -240,9 +240,10 @@ async fn one_lease_per_claim_whatever_its_size() {
     let want: Vec<String> = (10..100).map(|i| format!("k{i:03}")).collect();
     assert_eq!(keys, want, "exactly the expired lease's other timers, in order");
     assert_eq!(rest[0].timer.due_at, T0);
-    // Lease 1 holds nothing now; the next sweep after it expired drops it.
+    // Lease 1 holds nothing now: the claim that emptied it dropped it.
+    assert_eq!(zscore(&mut con, &k.lease, "1").await, None, "the spent lease is gone");
+    assert_eq!(hget(&mut con, &k.owner, "1").await, None, "and its owner with it");
     assert!(b.claim_due(T0 + 1_000, T0 + 1_000, 1_000, "b", T0 + 9_000).await.expect("claim_due").is_empty());
-    assert_eq!(zscore(&mut con, &k.lease, "1").await, None, "the spent lease is swept");
     // Settling everything leaves nothing behind in fly, lease or owner.
     let done: Vec<Settlement> = refs.iter().cloned().map(Settlement::Done).collect();
     a.settle(done, T0 + 1_001).await.expect("settle");
@@ -250,6 +251,67 @@ async fn one_lease_per_claim_whatever_its_size() {
         let n: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut con).await.expect("EXISTS");
         assert_eq!(n, 0, "{key} should be gone once nothing is in flight");
     }
+}
+
+/// A node that died holding a claim, while the others went on claiming and settling: its claim
+/// must not hide behind theirs. Settled claims leave `lease` at once, and a sweep for expired
+/// leases passes over spent ones (here planted by hand) without using up its room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_claim_is_found_behind_many_spent_ones() {
+    let Some(f) = common::Fresh::new().await else { return };
+    let store = RedisStore::open_url(&f.node_url("live")).await.expect("open");
+    let k = store.queue_keys("q");
+    let mut con = f.con();
+    let gens = store.schedule(vec![TimerSpec::new("q", "stranded", T0)], T0).await.expect("schedule");
+    let stranded = TimerRef { queue: "q".into(), key: "stranded".into(), generation: gens[0], due_at: T0 };
+    assert_eq!(store.claim(std::slice::from_ref(&stranded), "dead", T0, T0 + 1_000).await.expect("claim").len(), 1);
+    // 300 one-timer claims, each settled (done, released (then cancelled), retried, cancelled or
+    // rescheduled in flight: none of them due again before T0 + 60 s), under leases that run out before the dead node's.
+    for i in 0..300 {
+        let key = format!("k{i:03}");
+        let g = store.schedule(vec![TimerSpec::new("q", key.clone(), T0)], T0).await.expect("schedule")[0];
+        let r = TimerRef { queue: "q".into(), key: key.clone(), generation: g, due_at: T0 };
+        assert_eq!(store.claim(std::slice::from_ref(&r), "live", T0, T0 + 500).await.expect("claim").len(), 1);
+        match i % 5 {
+            0 => store.settle(vec![Settlement::Done(r)], T0).await.expect("settle"),
+            1 => {
+                store.settle(vec![Settlement::Release(r)], T0).await.expect("settle");
+                assert!(store.cancel("q", &key).await.expect("cancel").is_some(), "released, so pending");
+            }
+            2 => {
+                let retry = Settlement::Retry { timer: r, due_at: T0 + 60_000, attempts: 1, error: "e".into() };
+                store.settle(vec![retry], T0).await.expect("settle")
+            }
+            3 => assert!(store.cancel("q", &key).await.expect("cancel").is_some()),
+            _ => {
+                store.schedule(vec![TimerSpec::new("q", key.clone(), T0 + 60_000)], T0).await.expect("reschedule");
+            }
+        }
+    }
+    let leases: Vec<(String, i64)> =
+        redis::cmd("ZRANGE").arg(&k.lease).arg(0).arg(-1).arg("WITHSCORES").query_async(&mut con).await.expect("ZRANGE");
+    assert_eq!(leases, [("1".into(), T0 + 1_000)], "only the dead node's claim is left in lease");
+    let owners: i64 = redis::cmd("HLEN").arg(&k.owner).query_async(&mut con).await.expect("HLEN");
+    assert_eq!(owners, 2, "its owner and the last lease id");
+
+    // Spent leases that expired first (as an older version could leave them): the sweep drops
+    // them and still finds the stranded claim, in one call with room for one timer.
+    let mut planted = redis::cmd("ZADD");
+    planted.arg(&k.lease);
+    for id in 1_000..1_600 {
+        planted.arg(T0 + 100).arg(id);
+    }
+    let _: i64 = planted.query_async(&mut con).await.expect("ZADD");
+    assert!(store.claim_due(T0 + 999, T0 + 999, 1, "live", T0 + 5_000).await.expect("claim_due").is_empty(), "the lease still runs");
+    let left: i64 = redis::cmd("ZCARD").arg(&k.lease).query_async(&mut con).await.expect("ZCARD");
+    assert_eq!(left, 1, "the sweep dropped the spent leases it passed");
+    let _: i64 = planted.query_async(&mut con).await.expect("ZADD");
+    let got = store.claim_due(T0 + 1_000, T0 + 1_000, 1, "live", T0 + 5_000).await.expect("claim_due");
+    assert_eq!(got.iter().map(|c| c.timer.key.as_str()).collect::<Vec<_>>(), ["stranded"]);
+    assert_eq!(got[0].timer.generation, gens[0]);
+    let leases: Vec<String> = redis::cmd("ZRANGE").arg(&k.lease).arg(0).arg(-1).query_async(&mut con).await.expect("ZRANGE");
+    assert_eq!(leases.len(), 1, "the dead node's lease went with its timer, the new one stays: {leases:?}");
+    assert_eq!(hget(&mut con, &k.owner, &leases[0]).await.as_deref(), Some(&b"live"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
