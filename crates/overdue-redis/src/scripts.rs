@@ -63,43 +63,53 @@ local function record(g, attempts, created, updated, due, payload)
   return g .. ',' .. attempts .. ',' .. fmt(c) .. ',' .. fmt(tonumber(updated) - c) .. ',' ..
     fmt(tonumber(due) - c) .. ',' .. payload
 end
--- Drops those of the lease ids (a list, repeats allowed) that hold no timer any more, so `lease`
--- names live claims only and a sweep for expired ones finds a dead node's at once. One ZCOUNT
--- per distinct id: a settle batch names one claim or a few.
+-- Forgets lease id l (its `lease` entry and its owner).
+local function forget(b, l)
+  redis.call('ZREM', KEYS[b + 3], l)
+  redis.call('HDEL', KEYS[b + 4], l)
+end
+-- Forgets those of the lease ids (a list, repeats and false allowed) that hold no timer any
+-- more, so `lease` names live claims only and a sweep for expired ones finds a dead node's at
+-- once. One ZCOUNT per distinct id: a settle batch names one claim or a few.
 local function spend(b, lids)
   local seen = {}
   for j = 1, #lids do
     local l = lids[j]
     if l and not seen[l] then
       seen[l] = true
-      if redis.call('ZCOUNT', KEYS[b + 2], l, l) == 0 then
-        redis.call('ZREM', KEYS[b + 3], l)
-        redis.call('HDEL', KEYS[b + 4], l)
-      end
+      if redis.call('ZCOUNT', KEYS[b + 2], l, l) == 0 then forget(b, l) end
     end
   end
 end
--- Takes key out of fly (if it is there) and drops its claim when that held nothing else.
-local function unfly(b, key)
-  local l = redis.call('ZSCORE', KEYS[b + 2], key)
-  if l then
-    redis.call('ZREM', KEYS[b + 2], key)
-    spend(b, {l})
+-- Takes those of keys that are in fly out of it and forgets the claims that leaves empty: one
+-- ZMSCORE, and a ZREM only when some were in flight. Returns each key's lease id, false for a
+-- key that was not in flight.
+local function unfly(b, keys)
+  local lids = vget('ZMSCORE', KEYS[b + 2], keys)
+  local flying = {}
+  for j = 1, #keys do
+    if lids[j] then flying[#flying + 1] = keys[j] end
   end
+  if #flying > 0 then
+    vcall('ZREM', KEYS[b + 2], flying)
+    spend(b, lids)
+  end
+  return lids
 end
 local function drop(b, key, g)
   redis.call('ZREM', KEYS[b], mem(key, g))
   redis.call('HDEL', KEYS[b + 1], key)
-  unfly(b, key)
+  unfly(b, {key})
   redis.call('HDEL', KEYS[b + 5], key)
 end
 -- Drops the claim (if any) and makes the timer (generation g) pending, due at due.
 local function unlease(b, key, g, due)
-  unfly(b, key)
+  unfly(b, {key})
   redis.call('ZADD', KEYS[b], due, mem(key, g))
 end
--- With nothing in flight every lease is spent: drop them all (lease ids start again at 1,
--- which is safe because no timer names an old one).
+-- With nothing in flight every lease is spent (`spend` has usually forgotten them already): drop
+-- the keys, the last-id counter with them (lease ids start again at 1, which is safe because no
+-- timer names an old one).
 local function sweep_leases(b)
   if redis.call('ZCARD', KEYS[b + 2]) == 0 then redis.call('DEL', KEYS[b + 3], KEYS[b + 4]) end
 end
@@ -120,7 +130,7 @@ local function upsert(b, key, due, payload, g, now)
     local og, _, c = parse(old)
     if c then created = c end
     redis.call('ZREM', KEYS[b], mem(key, og))
-    unfly(b, key)
+    unfly(b, {key})
     redis.call('HDEL', KEYS[b + 5], key)
   end
   redis.call('HSET', KEYS[b + 1], key, record(fmt(g), 0, created, now, due, payload))
@@ -254,8 +264,7 @@ for qi, g in pairs(groups) do
   if #replaced > 0 then
     -- A replaced timer leaves due under its old generation, and loses its claim and last error.
     vcall('ZREM', KEYS[b], stale)
-    local lids = vget('ZMSCORE', KEYS[b + 2], replaced)
-    if vcall('ZREM', KEYS[b + 2], replaced) > 0 then spend(b, lids) end
+    unfly(b, replaced)
     vcall('HDEL', KEYS[b + 5], replaced)
   end
   vcall('HSET', KEYS[b + 1], recs)
@@ -356,8 +365,7 @@ for qi = 1, #KEYS / 7 do
       if room <= 0 or budget <= 0 then break end
       local ks = redis.call('ZRANGEBYSCORE', KEYS[b + 2], x[j], x[j], 'LIMIT', 0, room)
       if #ks == 0 then
-        redis.call('ZREM', KEYS[b + 3], x[j])
-        redis.call('HDEL', KEYS[b + 4], x[j])
+        forget(b, x[j])
         budget = budget - 1
       else
         off = off + 1
@@ -439,22 +447,25 @@ end
 for qi, g in pairs(done) do
   local b = 3 + (qi - 1) * 7
   local recs = vget('HMGET', KEYS[b + 1], g.keys)
-  local del, dm = {}, {}
+  local del, gs = {}, {}
   for j = 1, #g.keys do
     local v = recs[j]
     if v and string.match(v, '^(%d+),') == g.gens[j] then
       del[#del + 1] = g.keys[j]
-      dm[#dm + 1] = mem(g.keys[j], g.gens[j])
+      gs[#gs + 1] = g.gens[j]
     end
   end
   if #del > 0 then
     applied = applied + #del
     vcall('HDEL', KEYS[b + 1], del)
-    -- A timer is in exactly one of due and fly: when every one was in flight (the usual case)
-    -- due needs no lookups. The claims they were under go once they hold nothing.
-    local lids = vget('ZMSCORE', KEYS[b + 2], del)
-    if vcall('ZREM', KEYS[b + 2], del) < #del then vcall('ZREM', KEYS[b], dm) end
-    spend(b, lids)
+    -- A timer is in exactly one of due and fly: those not in flight (none, usually) leave due.
+    -- The claims they were under go once they hold nothing.
+    local lids = unfly(b, del)
+    local dm = {}
+    for j = 1, #del do
+      if not lids[j] then dm[#dm + 1] = mem(del[j], gs[j]) end
+    end
+    if #dm > 0 then vcall('ZREM', KEYS[b], dm) end
     if redis.call('EXISTS', KEYS[b + 5]) == 1 then vcall('HDEL', KEYS[b + 5], del) end
   end
 end
