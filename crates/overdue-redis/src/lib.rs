@@ -314,6 +314,26 @@ fn array(v: Value) -> Result<Vec<Value>> {
     }
 }
 
+/// Writes `<key>\0<generation>`, a pending timer's member of `due`, into `buf`.
+fn due_member(buf: &mut Vec<u8>, key: &str, generation: u64) {
+    buf.clear();
+    buf.extend_from_slice(key.as_bytes());
+    buf.push(0);
+    let _ = std::io::Write::write_fmt(buf, format_args!("{generation}"));
+}
+
+/// Splits a member of `due` into its key and generation (the digits after the last NUL).
+fn split_member(mut m: Vec<u8>) -> Result<(String, u64)> {
+    let nul = m.iter().rposition(|b| *b == 0).ok_or_else(|| bad_reply("a due member without generation"))?;
+    let generation = std::str::from_utf8(&m[nul + 1..])
+        .ok()
+        .and_then(|g| g.parse().ok())
+        .ok_or_else(|| bad_reply("a due member's generation"))?;
+    m.truncate(nul);
+    let key = String::from_utf8(m).map_err(|_| bad_reply("a due member's key"))?;
+    Ok((key, generation))
+}
+
 /// A parsed record: generation, attempts, created, updated, due, payload.
 struct Record {
     generation: u64,
@@ -529,7 +549,7 @@ impl RedisStore {
         }
         let mut con = self.con();
         let r: Value = self.track(inv.invoke_async(&mut con).await)?;
-        let width = if details { 7 } else { 4 };
+        let width = if details { 7 } else { 3 };
         let flat = array(r)?;
         if flat.len() % width != 0 {
             return Err(bad_reply("a range of the wrong width"));
@@ -539,9 +559,15 @@ impl RedisStore {
         while let Some(qi) = it.next() {
             let qi = int(&qi)? as usize;
             let queue = queues.get(qi.wrapping_sub(1)).ok_or_else(|| bad_reply("a queue index"))?;
-            let key = text(it.next().unwrap_or_default())?;
+            let (key, rest) = if details {
+                (text(it.next().unwrap_or_default())?, Vec::new())
+            } else {
+                // `<key>\0<generation>`: the generation goes on as the row's one extra value.
+                let (key, generation) = split_member(bytes(it.next().unwrap_or_default())?)?;
+                (key, vec![Value::Int(generation as i64)])
+            };
             let due = int(&it.next().unwrap_or_default())?;
-            let rest: Vec<Value> = it.by_ref().take(width - 3).collect();
+            let rest = if details { it.by_ref().take(width - 3).collect() } else { rest };
             out.push(((*queue).to_owned(), key, due, rest));
         }
         out.sort_unstable_by(|a, b| (a.2, &a.0, &a.1).cmp(&(b.2, &b.0, &b.1)));
@@ -729,21 +755,25 @@ impl Store for RedisStore {
         let mut inv = self.inner.scripts.claim.prepare_invoke();
         self.add_groups(&mut inv, &qs.names);
         inv.arg(now).arg(lease_until).arg(owner);
+        let mut member = Vec::new();
         for t in timers {
-            inv.arg(qs.idx(&t.queue)).arg(&t.key).arg(t.generation);
+            due_member(&mut member, &t.key, t.generation);
+            inv.arg(qs.idx(&t.queue)).arg(&t.key).arg(&member[..]);
         }
         let mut con = self.con();
         let r: Value = self.track(inv.invoke_async(&mut con).await)?;
         let flat = array(r)?;
-        let mut out = Vec::with_capacity(flat.len() / 4);
+        let mut out = Vec::with_capacity(flat.len() / 2);
         let mut it = flat.into_iter();
         while let Some(i) = it.next() {
             let i = int(&i)? as usize;
             let t = timers.get(i.wrapping_sub(1)).ok_or_else(|| bad_reply("a claim index"))?;
-            let due_at = int(&it.next().unwrap_or_default())?;
-            let attempts = int(&it.next().unwrap_or_default())?.max(0) as u32;
-            let payload = bytes(it.next().unwrap_or_default())?;
-            out.push((i, Claimed { timer: TimerRef { due_at, ..t.clone() }, payload, attempts }));
+            let rec = parse_record(bytes(it.next().unwrap_or_default())?)?;
+            if rec.generation != t.generation {
+                return Err(bad_reply("a claim of another generation"));
+            }
+            let timer = TimerRef { queue: t.queue.clone(), key: t.key.clone(), generation: t.generation, due_at: rec.due_at };
+            out.push((i, Claimed { timer, payload: rec.payload, attempts: rec.attempts }));
         }
         // The script answers queue by queue; the contract is input order.
         out.sort_unstable_by_key(|(i, _)| *i);
@@ -765,17 +795,15 @@ impl Store for RedisStore {
         let mut con = self.con();
         let r: Value = self.track(inv.invoke_async(&mut con).await)?;
         let flat = array(r)?;
-        let mut out = Vec::with_capacity(flat.len() / 6);
+        let mut out = Vec::with_capacity(flat.len() / 3);
         let mut it = flat.into_iter();
         while let Some(qi) = it.next() {
             let qi = int(&qi)? as usize;
             let queue = names.get(qi.wrapping_sub(1)).ok_or_else(|| bad_reply("a queue index"))?;
             let key = text(it.next().unwrap_or_default())?;
-            let generation = int(&it.next().unwrap_or_default())? as u64;
-            let due_at = int(&it.next().unwrap_or_default())?;
-            let attempts = int(&it.next().unwrap_or_default())?.max(0) as u32;
-            let payload = bytes(it.next().unwrap_or_default())?;
-            out.push(Claimed { timer: TimerRef { queue: (*queue).to_owned(), key, generation, due_at }, payload, attempts });
+            let rec = parse_record(bytes(it.next().unwrap_or_default())?)?;
+            let timer = TimerRef { queue: (*queue).to_owned(), key, generation: rec.generation, due_at: rec.due_at };
+            out.push(Claimed { timer, payload: rec.payload, attempts: rec.attempts });
         }
         out.sort_unstable_by(|a, b| {
             (a.timer.due_at, &a.timer.queue, &a.timer.key).cmp(&(b.timer.due_at, &b.timer.queue, &b.timer.key))
@@ -795,7 +823,18 @@ impl Store for RedisStore {
         for q in &qs.names {
             inv.arg(*q);
         }
+        // `Done` of a key named once in the batch goes in the short section the script applies
+        // in bulk; everything else keeps batch order in the long one.
+        let mut named: HashMap<(&str, &str), u32> = HashMap::with_capacity(batch.len());
         for s in &batch {
+            *named.entry((s.timer().queue.as_str(), s.timer().key.as_str())).or_default() += 1;
+        }
+        let bulk = |s: &Settlement| matches!(s, Settlement::Done(t) if named[&(t.queue.as_str(), t.key.as_str())] == 1);
+        inv.arg(batch.iter().filter(|s| bulk(s)).count());
+        for t in batch.iter().filter(|s| bulk(s)).map(Settlement::timer) {
+            inv.arg(qs.idx(&t.queue)).arg(&t.key).arg(t.generation);
+        }
+        for s in batch.iter().filter(|s| !bulk(s)) {
             let t = s.timer();
             inv.arg(match s {
                 Settlement::Done(_) => "D",

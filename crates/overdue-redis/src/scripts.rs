@@ -22,6 +22,10 @@ local function parse(v)
   local _, e, g, a, c, du, dd = string.find(v, HEAD)
   return g, a, c, du, dd, e
 end
+-- Whether record v holds generation g (a prefix test: no string is made).
+local function gen_is(v, g)
+  return string.byte(v, #g + 1) == 44 and string.find(v, g, 1, true) == 1
+end
 -- The due time a record holds.
 local function due_in(v)
   local _, _, _, _, c, _, dd = string.find(v, HEAD)
@@ -44,8 +48,12 @@ local function vcall(cmd, key, args)
 end
 -- Like vcall for a reading command (HMGET, ZMSCORE): the replies concatenated, nil as false.
 local function vget(cmd, key, args)
+  local n = #args
+  if n == 0 then return {} end
+  -- One chunk (the usual batch): the reply as it is, not copied.
+  if n <= VCHUNK then return redis.call(cmd, key, unpack(args)) end
   local out = {}
-  local i, n = 1, #args
+  local i = 1
   while i <= n do
     local j = math.min(i + VCHUNK - 1, n)
     local r = redis.call(cmd, key, unpack(args, i, j))
@@ -140,8 +148,7 @@ end
 -- generation equals gens[j] (any generation if gens is nil), that are due at now (the record
 -- holds the due time) and either pending or held by a lease that has expired (or is gone); as
 -- one new lease for owner until lease_until. A handful of variadic calls for the whole list, and
--- two writes for the lease. Returns, per claimed key, {j, generation, due, attempts, payload} in
--- the order of keys.
+-- two writes for the lease. Returns, per claimed key, {j, record} in the order of keys.
 local function take_all(b, keys, gens, now, owner, lease_until)
   local recs = vget('HMGET', KEYS[b + 1], keys)
   local won, ks, ms = {}, {}, {}
@@ -151,7 +158,7 @@ local function take_all(b, keys, gens, now, owner, lease_until)
       local _, e, g, a, c, _, dd = string.find(v, HEAD)
       local d = tonumber(c) + tonumber(dd)
       if (gens == nil or g == gens[j]) and d <= now then
-        won[#won + 1] = {j, g, fmt(d), tonumber(a), string.sub(v, e + 1)}
+        won[#won + 1] = {j, v}
         ks[#ks + 1] = keys[j]
         ms[#ms + 1] = mem(keys[j], g)
       end
@@ -204,6 +211,56 @@ local function take_all(b, keys, gens, now, owner, lease_until)
   -- Expired claims this one took timers from go once they hold nothing.
   if taken then spend(b, taken) end
   return won
+end
+-- Claims by reference, in the group at b: keys[j] named with its due member ms[j]
+-- (`<key>\0<generation>`). One ZMSCORE of the members tells which are pending under that
+-- generation and when they are due, so those due by now (the usual case) are taken without a
+-- record field read in Lua: the records go back to the caller as they are. A key not pending
+-- under its member (in flight, perhaps under an expired lease, replaced, or gone) goes through
+-- take_all, which checks its record. Returns flat pairs (j, record) of what was claimed.
+local function take_refs(b, keys, ms, now, owner, lease_until)
+  local sc = vget('ZMSCORE', KEYS[b], ms)
+  local wk, wm, wj, rk, rg, rj = {}, {}, {}, {}, {}, {}
+  for j = 1, #ms do
+    local s = sc[j]
+    if s then
+      if tonumber(s) <= now then
+        local n = #wk + 1
+        wk[n], wm[n], wj[n] = keys[j], ms[j], j
+      end
+    else
+      local n = #rk + 1
+      rk[n], rg[n], rj[n] = keys[j], string.match(ms[j], '%z(%d+)$'), j
+    end
+  end
+  local out = {}
+  if #wk > 0 then
+    vcall('ZREM', KEYS[b], wm)
+    local recs = vget('HMGET', KEYS[b + 1], wk)
+    local lid = redis.call('HINCRBY', KEYS[b + 4], '0', 1)
+    local fly = {}
+    for x = 1, #wk do
+      if recs[x] then
+        fly[#fly + 1] = lid
+        fly[#fly + 1] = wk[x]
+        out[#out + 1] = wj[x]
+        out[#out + 1] = recs[x]
+      end
+    end
+    if #fly > 0 then
+      vcall('ZADD', KEYS[b + 2], fly)
+      redis.call('ZADD', KEYS[b + 3], lease_until, lid)
+      redis.call('HSET', KEYS[b + 4], lid, owner)
+    end
+  end
+  if #rk > 0 then
+    local won = take_all(b, rk, rg, now, owner, lease_until)
+    for x = 1, #won do
+      out[#out + 1] = rj[won[x][1]]
+      out[#out + 1] = won[x][2]
+    end
+  end
+  return out
 end
 "#;
 
@@ -305,11 +362,12 @@ end
 return {v, due_in(v), lu, ow, redis.call('HGET', KEYS[6], ARGV[1])}
 "#;
 
-/// KEYS: a group per queue. ARGV: now, lease_until, owner, then (queue index, key, generation)
-/// triples. Returns (entry index, due, attempts, payload) per claimed timer.
+/// KEYS: a group per queue. ARGV: now, lease_until, owner, then (queue index, key, due member)
+/// triples, the member being `<key>\0<generation>`. Returns (entry index, record) per claimed
+/// timer.
 const CLAIM: &str = r#"
 local now, lease_until, owner = tonumber(ARGV[1]), ARGV[2], ARGV[3]
--- Per queue: distinct keys with their generations and entry indexes.
+-- Per queue: distinct keys with their members and entry indexes.
 local groups = {}
 local i = 0
 for o = 4, #ARGV, 3 do
@@ -317,25 +375,22 @@ for o = 4, #ARGV, 3 do
   local qi = tonumber(ARGV[o])
   local g = groups[qi]
   if not g then
-    g = {keys = {}, gens = {}, idx = {}, seen = {}}
+    g = {keys = {}, ms = {}, idx = {}, seen = {}}
     groups[qi] = g
   end
   local key = ARGV[o + 1]
   if not g.seen[key] then
     g.seen[key] = true
     local n = #g.keys + 1
-    g.keys[n], g.gens[n], g.idx[n] = key, ARGV[o + 2], i
+    g.keys[n], g.ms[n], g.idx[n] = key, ARGV[o + 2], i
   end
 end
 local out = {}
 for qi, g in pairs(groups) do
-  local won = take_all(1 + (qi - 1) * 7, g.keys, g.gens, now, owner, lease_until)
-  for x = 1, #won do
-    local w = won[x]
-    out[#out + 1] = g.idx[w[1]]
-    out[#out + 1] = w[3]
-    out[#out + 1] = w[4]
-    out[#out + 1] = w[5]
+  local won = take_refs(1 + (qi - 1) * 7, g.keys, g.ms, now, owner, lease_until)
+  for x = 1, #won, 2 do
+    out[#out + 1] = g.idx[won[x]]
+    out[#out + 1] = won[x + 1]
   end
 end
 return out
@@ -343,8 +398,7 @@ return out
 
 /// KEYS: a group per queue (queues in byte order). ARGV: now, due_before, limit, owner,
 /// lease_until. Takes up to limit timers that are pending and due by due_before, or in flight
-/// under an expired lease, earliest first. Returns (queue index, key, generation, due,
-/// attempts, payload) per claim.
+/// under an expired lease, earliest first. Returns (queue index, key, record) per claim.
 const CLAIM_DUE: &str = r#"
 local now, due_before, limit, owner, lease_until =
   tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
@@ -406,51 +460,46 @@ for qi, keys in pairs(groups) do
     local w = won[x]
     out[#out + 1] = qi
     out[#out + 1] = keys[w[1]]
-    out[#out + 1] = tonumber(w[2])
-    out[#out + 1] = w[3]
-    out[#out + 1] = w[4]
-    out[#out + 1] = w[5]
+    out[#out + 1] = w[2]
   end
 end
 return out
 "#;
 
 /// KEYS: dead-letter id counter, dead-letter index, then a group per queue. ARGV: now, nq, the
-/// queue names, then 7-field entries (kind, queue index, key, generation, x1, x2, x3):
-/// `D` done; `L` release; `R` retry (x1 due, x2 attempts, x3 error); `X` dead letter (x1
-/// attempts, x2 error, x3 failed_at). Each applies only if the generation is unchanged.
+/// queue names, nd, then nd `Done` entries (queue index, key, generation) of keys named once in
+/// the batch, then the other entries, 7 fields each (kind, queue index, key, generation, x1,
+/// x2, x3), in batch order: `D` done; `L` release; `R` retry (x1 due, x2 attempts, x3 error);
+/// `X` dead letter (x1 attempts, x2 error, x3 failed_at). Each applies only if the generation
+/// is unchanged.
 const SETTLE: &str = r#"
 local now, nq = ARGV[1], tonumber(ARGV[2])
+local nd = tonumber(ARGV[3 + nq])
 local applied = 0
--- Done entries (the common case) of keys named once in the batch are applied together, a few
--- variadic calls per queue; every other entry runs one by one, in batch order, afterwards.
-local count = {}
-for o = 3 + nq, #ARGV, 7 do
-  local ck = ARGV[o + 1] .. ',' .. ARGV[o + 2]
-  count[ck] = (count[ck] or 0) + 1
-end
-local done, rest = {}, {}
-for o = 3 + nq, #ARGV, 7 do
-  local qi = tonumber(ARGV[o + 1])
-  if ARGV[o] == 'D' and count[ARGV[o + 1] .. ',' .. ARGV[o + 2]] == 1 then
-    local g = done[qi]
-    if not g then
-      g = {keys = {}, gens = {}}
-      done[qi] = g
-    end
-    g.keys[#g.keys + 1] = ARGV[o + 2]
-    g.gens[#g.gens + 1] = ARGV[o + 3]
-  else
-    rest[#rest + 1] = o
+-- The Done entries (the common case: the caller has put those of keys named once in the batch
+-- first) are applied together, a few variadic calls per queue; the rest run one by one, in
+-- batch order, afterwards.
+local done = {}
+local o = 4 + nq
+for _ = 1, nd do
+  local qi = tonumber(ARGV[o])
+  local g = done[qi]
+  if not g then
+    g = {keys = {}, gens = {}}
+    done[qi] = g
   end
+  g.keys[#g.keys + 1] = ARGV[o + 1]
+  g.gens[#g.gens + 1] = ARGV[o + 2]
+  o = o + 3
 end
+local first_rest = o
 for qi, g in pairs(done) do
   local b = 3 + (qi - 1) * 7
   local recs = vget('HMGET', KEYS[b + 1], g.keys)
   local del, gs = {}, {}
   for j = 1, #g.keys do
     local v = recs[j]
-    if v and string.match(v, '^(%d+),') == g.gens[j] then
+    if v and gen_is(v, g.gens[j]) then
       del[#del + 1] = g.keys[j]
       gs[#gs + 1] = g.gens[j]
     end
@@ -469,7 +518,7 @@ for qi, g in pairs(done) do
     if redis.call('EXISTS', KEYS[b + 5]) == 1 then vcall('HDEL', KEYS[b + 5], del) end
   end
 end
-for _, o in ipairs(rest) do
+for o = first_rest, #ARGV, 7 do
   local kind, qi, key, gen = ARGV[o], tonumber(ARGV[o + 1]), ARGV[o + 2], ARGV[o + 3]
   local b = 3 + (qi - 1) * 7
   local v = redis.call('HGET', KEYS[b + 1], key)
@@ -523,8 +572,8 @@ return ng
 /// pending set of each queue (its members carry the generation: without details no record is
 /// read) and, with details, the in-flight set too (scored by lease id, so
 /// read whole: it holds what is claimed, at most the nodes' `max_in_flight`). Returns per timer
-/// (queue index, key, due, record-or-generation, lease_until, owner, last_error); without
-/// details only the first four, with the generation instead of the record.
+/// (queue index, key, due, record, lease_until, owner, last_error); without details (queue
+/// index, due member, due), the member being `<key>\0<generation>`.
 const RANGE: &str = r#"
 local upto, limit, details = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
 local nupto = tonumber(upto)
@@ -558,42 +607,42 @@ local function emit(qi, b, key, due, v, lid)
   out[#out + 1] = qi
   out[#out + 1] = key
   out[#out + 1] = due
-  if details then
-    out[#out + 1] = v
-    if lid then
-      out[#out + 1] = redis.call('ZSCORE', KEYS[b + 3], lid)
-      out[#out + 1] = redis.call('HGET', KEYS[b + 4], lid)
-    else
-      out[#out + 1] = false
-      out[#out + 1] = false
-    end
-    out[#out + 1] = redis.call('HGET', KEYS[b + 5], key)
+  out[#out + 1] = v
+  if lid then
+    out[#out + 1] = redis.call('ZSCORE', KEYS[b + 3], lid)
+    out[#out + 1] = redis.call('HGET', KEYS[b + 4], lid)
   else
-    out[#out + 1] = v
+    out[#out + 1] = false
+    out[#out + 1] = false
   end
+  out[#out + 1] = redis.call('HGET', KEYS[b + 5], key)
 end
 for qi = 1, #KEYS / 7 do
   local b = 1 + (qi - 1) * 7
   local o = 4 + (qi - 1) * 3
   local mode, lo, ck = ARGV[o], ARGV[o + 1], ARGV[o + 2]
   local r = rng(KEYS[b], mode, lo, ck)
-  local ks, gs = {}, {}
-  for j = 1, #r, 2 do
-    if tonumber(r[j + 1]) > nupto then break end
-    local k, g = split(r[j])
-    ks[#ks + 1] = k
-    gs[#gs + 1] = g
-  end
-  if details and #ks > 0 then
-    local vs = vget('HMGET', KEYS[b + 1], ks)
-    for x = 1, #ks do
-      if vs[x] then emit(qi, b, ks[x], r[2 * x], vs[x], nil) end
+  if not details then
+    -- The generation is in the member: no record is read, and the member goes back whole (the
+    -- caller splits it).
+    for j = 1, #r, 2 do
+      if tonumber(r[j + 1]) > nupto then break end
+      out[#out + 1] = qi
+      out[#out + 1] = r[j]
+      out[#out + 1] = r[j + 1]
     end
   else
-    -- The generation is in the member: no record is read.
-    for x = 1, #ks do emit(qi, b, ks[x], r[2 * x], gs[x], nil) end
-  end
-  if details then
+    local ks = {}
+    for j = 1, #r, 2 do
+      if tonumber(r[j + 1]) > nupto then break end
+      ks[#ks + 1] = (split(r[j]))
+    end
+    if #ks > 0 then
+      local vs = vget('HMGET', KEYS[b + 1], ks)
+      for x = 1, #ks do
+        if vs[x] then emit(qi, b, ks[x], r[2 * x], vs[x], nil) end
+      end
+    end
     local f = redis.call('ZRANGE', KEYS[b + 2], 0, -1, 'WITHSCORES')
     local fk = {}
     for j = 1, #f, 2 do fk[#fk + 1] = f[j] end

@@ -253,6 +253,44 @@ async fn one_lease_per_claim_whatever_its_size() {
     }
 }
 
+/// One claim by reference that mixes every case the claim script sorts apart: pending and due
+/// (taken by the member's score alone), in flight under an expired lease (the checked path), a
+/// stale generation, a key named twice, one not yet due, one that does not exist. Each claimable
+/// timer is won once, in input order, with its record (due time, attempts, payload) intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_claim_by_reference_wins_each_claimable_timer_once() {
+    let Some(f) = common::Fresh::new().await else { return };
+    let store = RedisStore::open_url(&f.node_url("live")).await.expect("open");
+    let mut specs: Vec<TimerSpec> = (0..6).map(|i| TimerSpec::new("q", format!("k{i}"), T0).with_payload(format!("p{i},\0x"))).collect();
+    specs.push(TimerSpec::new("q", "later", T0 + 5_000));
+    let gens = store.schedule(specs.clone(), T0).await.expect("schedule");
+    let r = |i: usize| TimerRef { queue: "q".into(), key: specs[i].key.clone(), generation: gens[i], due_at: specs[i].due_at };
+    // k0 and k1 claimed by a node that dies; k2 rescheduled (its ref goes stale).
+    assert_eq!(store.claim(&[r(0), r(1)], "dead", T0, T0 + 1_000).await.expect("claim").len(), 2);
+    let new_k2 = store.reschedule("q", "k2", T0, T0).await.expect("reschedule").expect("k2 exists");
+    let ghost = TimerRef { queue: "q".into(), key: "ghost".into(), generation: 1, due_at: T0 };
+    let batch = [r(0), r(3), r(3), r(2), r(1), r(4), r(6), ghost, r(5)];
+    let won = store.claim(&batch, "live", T0 + 1_000, T0 + 9_000).await.expect("claim");
+    let got: Vec<(&str, u64, i64, u32, &[u8])> =
+        won.iter().map(|c| (c.timer.key.as_str(), c.timer.generation, c.timer.due_at, c.attempts, &c.payload[..])).collect();
+    let want: Vec<(&str, u64, i64, u32, &[u8])> = [0, 3, 1, 4, 5]
+        .iter()
+        .map(|&i| (specs[i].key.as_str(), gens[i], T0, 0, specs[i].payload.as_slice()))
+        .collect();
+    assert_eq!(got, want, "the expired claims and the pending due timers, once each, in input order");
+    for i in [0, 1, 3, 4, 5] {
+        let t = store.get("q", &specs[i].key, T0 + 1_000).await.expect("get").expect("timer");
+        assert_eq!(t.state, TimerState::InFlight { owner: "live".into(), lease_until: T0 + 9_000 }, "{}", specs[i].key);
+    }
+    // Untouched: the rescheduled timer (pending under its new generation) and the later one.
+    let k2 = store.get("q", "k2", T0 + 1_000).await.expect("get").expect("k2");
+    assert_eq!((k2.generation, k2.state), (new_k2, TimerState::Pending));
+    let later = store.get("q", "later", T0 + 1_000).await.expect("get").expect("later");
+    assert_eq!(later.state, TimerState::Pending);
+    // Nothing is won twice: the same batch again wins nothing.
+    assert!(store.claim(&batch, "live", T0 + 1_000, T0 + 9_000).await.expect("claim").is_empty());
+}
+
 /// A node that died holding a claim, while the others went on claiming and settling: its claim
 /// must not hide behind theirs. Settled claims leave `lease` at once, and a sweep for expired
 /// leases passes over spent ones (here planted by hand) without using up its room.
