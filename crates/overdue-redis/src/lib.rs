@@ -515,8 +515,9 @@ impl RedisStore {
     }
 
     /// The RANGE script over `queues`: timers due by `until` after the cursor, per queue at most
-    /// `limit`, merged and cut to `limit`.
-    async fn range(
+    /// `limit`, as flat rows 7 values wide with details and 3 without (see the script). The
+    /// callers parse and merge them.
+    async fn range_rows(
         &self,
         queues: &[&str],
         after: Option<&(i64, String, String)>,
@@ -524,9 +525,9 @@ impl RedisStore {
         until: i64,
         limit: u32,
         details: bool,
-    ) -> Result<Vec<(String, String, i64, Vec<Value>)>> {
+    ) -> Result<std::vec::IntoIter<Value>> {
         if queues.is_empty() || limit == 0 {
-            return Ok(Vec::new());
+            return Ok(Vec::new().into_iter());
         }
         let mut inv = self.inner.scripts.range.prepare_invoke();
         self.add_groups(&mut inv, queues);
@@ -549,31 +550,41 @@ impl RedisStore {
         }
         let mut con = self.con();
         let r: Value = self.track(inv.invoke_async(&mut con).await)?;
-        let width = if details { 7 } else { 3 };
         let flat = array(r)?;
+        let width = if details { 7 } else { 3 };
         if flat.len() % width != 0 {
             return Err(bad_reply("a range of the wrong width"));
         }
-        let mut out = Vec::with_capacity(flat.len() / width);
-        let mut it = flat.into_iter();
+        Ok(flat.into_iter())
+    }
+
+    /// Timers of `queues` with their details (record, lease, owner, last error), in due order.
+    async fn range(
+        &self,
+        queues: &[&str],
+        after: Option<&(i64, String, String)>,
+        due_from: Option<i64>,
+        until: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, String, i64, Vec<Value>)>> {
+        let mut it = self.range_rows(queues, after, due_from, until, limit, true).await?;
+        let mut out = Vec::with_capacity(it.len() / 7);
         while let Some(qi) = it.next() {
-            let qi = int(&qi)? as usize;
-            let queue = queues.get(qi.wrapping_sub(1)).ok_or_else(|| bad_reply("a queue index"))?;
-            let (key, rest) = if details {
-                (text(it.next().unwrap_or_default())?, Vec::new())
-            } else {
-                // `<key>\0<generation>`: the generation goes on as the row's one extra value.
-                let (key, generation) = split_member(bytes(it.next().unwrap_or_default())?)?;
-                (key, vec![Value::Int(generation as i64)])
-            };
+            let queue = queue_at(queues, &qi)?;
+            let key = text(it.next().unwrap_or_default())?;
             let due = int(&it.next().unwrap_or_default())?;
-            let rest = if details { it.by_ref().take(width - 3).collect() } else { rest };
-            out.push(((*queue).to_owned(), key, due, rest));
+            out.push((queue.to_owned(), key, due, it.by_ref().take(4).collect()));
         }
         out.sort_unstable_by(|a, b| (a.2, &a.0, &a.1).cmp(&(b.2, &b.0, &b.1)));
         out.truncate(limit as usize);
         Ok(out)
     }
+}
+
+/// The queue a script's 1-based queue index names.
+fn queue_at<'a>(queues: &[&'a str], qi: &Value) -> Result<&'a str> {
+    let qi = int(qi)? as usize;
+    queues.get(qi.wrapping_sub(1)).copied().ok_or_else(|| bad_reply("a queue index"))
 }
 
 /// Stamps a prefix with [`LAYOUT`] on first use, and refuses one that holds timers in another
@@ -703,7 +714,7 @@ impl Store for RedisStore {
             None => all.iter().map(String::as_str).collect(),
         };
         let until = query.due_to.unwrap_or(i64::MAX / 2);
-        let found = self.range(&queues, query.after.as_ref(), query.due_from, until, query.effective_limit(), true).await?;
+        let found = self.range(&queues, query.after.as_ref(), query.due_from, until, query.effective_limit()).await?;
         found.into_iter().map(|(q, k, _, rest)| timer_from(q, k, rest, now)).collect()
     }
 
@@ -737,14 +748,18 @@ impl Store for RedisStore {
     async fn due_refs(&self, after: Option<&(i64, String, String)>, until: i64, limit: u32) -> Result<Vec<TimerRef>> {
         let all = self.queues().await?;
         let names: Vec<&str> = all.iter().map(String::as_str).collect();
-        let found = self.range(&names, after, None, until, limit, false).await?;
-        found
-            .into_iter()
-            .map(|(queue, key, due_at, rest)| {
-                let generation = int(rest.first().ok_or_else(|| bad_reply("a range without generation"))?)? as u64;
-                Ok(TimerRef { queue, key, generation, due_at })
-            })
-            .collect()
+        // Rows of (queue index, `<key>\0<generation>`, due): the member is split here, not in Lua.
+        let mut it = self.range_rows(&names, after, None, until, limit, false).await?;
+        let mut out = Vec::with_capacity(it.len() / 3);
+        while let Some(qi) = it.next() {
+            let queue = queue_at(&names, &qi)?;
+            let (key, generation) = split_member(bytes(it.next().unwrap_or_default())?)?;
+            let due_at = int(&it.next().unwrap_or_default())?;
+            out.push(TimerRef { queue: queue.to_owned(), key, generation, due_at });
+        }
+        out.sort_unstable_by(|a, b| (a.due_at, &a.queue, &a.key).cmp(&(b.due_at, &b.queue, &b.key)));
+        out.truncate(limit as usize);
+        Ok(out)
     }
 
     async fn claim(&self, timers: &[TimerRef], owner: &str, now: i64, lease_until: i64) -> Result<Vec<Claimed>> {
@@ -772,8 +787,7 @@ impl Store for RedisStore {
             if rec.generation != t.generation {
                 return Err(bad_reply("a claim of another generation"));
             }
-            let timer = TimerRef { queue: t.queue.clone(), key: t.key.clone(), generation: t.generation, due_at: rec.due_at };
-            out.push((i, Claimed { timer, payload: rec.payload, attempts: rec.attempts }));
+            out.push((i, Claimed { timer: TimerRef { due_at: rec.due_at, ..t.clone() }, payload: rec.payload, attempts: rec.attempts }));
         }
         // The script answers queue by queue; the contract is input order.
         out.sort_unstable_by_key(|(i, _)| *i);
@@ -798,11 +812,10 @@ impl Store for RedisStore {
         let mut out = Vec::with_capacity(flat.len() / 3);
         let mut it = flat.into_iter();
         while let Some(qi) = it.next() {
-            let qi = int(&qi)? as usize;
-            let queue = names.get(qi.wrapping_sub(1)).ok_or_else(|| bad_reply("a queue index"))?;
+            let queue = queue_at(&names, &qi)?;
             let key = text(it.next().unwrap_or_default())?;
             let rec = parse_record(bytes(it.next().unwrap_or_default())?)?;
-            let timer = TimerRef { queue: (*queue).to_owned(), key, generation: rec.generation, due_at: rec.due_at };
+            let timer = TimerRef { queue: queue.to_owned(), key, generation: rec.generation, due_at: rec.due_at };
             out.push(Claimed { timer, payload: rec.payload, attempts: rec.attempts });
         }
         out.sort_unstable_by(|a, b| {
@@ -829,12 +842,14 @@ impl Store for RedisStore {
         for s in &batch {
             *named.entry((s.timer().queue.as_str(), s.timer().key.as_str())).or_default() += 1;
         }
-        let bulk = |s: &Settlement| matches!(s, Settlement::Done(t) if named[&(t.queue.as_str(), t.key.as_str())] == 1);
-        inv.arg(batch.iter().filter(|s| bulk(s)).count());
-        for t in batch.iter().filter(|s| bulk(s)).map(Settlement::timer) {
+        let bulk: Vec<bool> =
+            batch.iter().map(|s| matches!(s, Settlement::Done(t) if named[&(t.queue.as_str(), t.key.as_str())] == 1)).collect();
+        inv.arg(bulk.iter().filter(|b| **b).count());
+        for (s, _) in batch.iter().zip(&bulk).filter(|(_, b)| **b) {
+            let t = s.timer();
             inv.arg(qs.idx(&t.queue)).arg(&t.key).arg(t.generation);
         }
-        for s in batch.iter().filter(|s| !bulk(s)) {
+        for (s, _) in batch.iter().zip(&bulk).filter(|(_, b)| !**b) {
             let t = s.timer();
             inv.arg(match s {
                 Settlement::Done(_) => "D",
@@ -881,8 +896,7 @@ impl Store for RedisStore {
         let mut out = Vec::new();
         let mut it = array(r)?.into_iter();
         while let Some(qi) = it.next() {
-            let qi = int(&qi)? as usize;
-            let queue = names.get(qi.wrapping_sub(1)).ok_or_else(|| bad_reply("a queue index"))?;
+            let queue = queue_at(&names, &qi)?;
             out.push(parse_dead(queue, bytes(it.next().unwrap_or_default())?)?);
         }
         out.sort_unstable_by_key(|d| d.id);

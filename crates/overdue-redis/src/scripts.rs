@@ -144,6 +144,19 @@ local function upsert(b, key, due, payload, g, now)
   redis.call('HSET', KEYS[b + 1], key, record(fmt(g), 0, created, now, due, payload))
   redis.call('ZADD', KEYS[b], due, mem(key, fmt(g)))
 end
+-- Puts keys (distinct, just taken out of due or from expired claims) in flight under one new
+-- lease for owner until lease_until: one ZADD for the timers, two writes for the lease.
+local function hold(b, keys, owner, lease_until)
+  local lid = redis.call('HINCRBY', KEYS[b + 4], '0', 1)
+  local fly = {}
+  for x = 1, #keys do
+    fly[#fly + 1] = lid
+    fly[#fly + 1] = keys[x]
+  end
+  vcall('ZADD', KEYS[b + 2], fly)
+  redis.call('ZADD', KEYS[b + 3], lease_until, lid)
+  redis.call('HSET', KEYS[b + 4], lid, owner)
+end
 -- Claims, in the group of queue keys at b, those of keys (distinct) whose record exists, whose
 -- generation equals gens[j] (any generation if gens is nil), that are due at now (the record
 -- holds the due time) and either pending or held by a lease that has expired (or is gone); as
@@ -199,15 +212,7 @@ local function take_all(b, keys, gens, now, owner, lease_until)
     won, ks = keep, kk
     if #won == 0 then return won end
   end
-  local lid = redis.call('HINCRBY', KEYS[b + 4], '0', 1)
-  local fly = {}
-  for x = 1, #ks do
-    fly[#fly + 1] = lid
-    fly[#fly + 1] = ks[x]
-  end
-  vcall('ZADD', KEYS[b + 2], fly)
-  redis.call('ZADD', KEYS[b + 3], lease_until, lid)
-  redis.call('HSET', KEYS[b + 4], lid, owner)
+  hold(b, ks, owner, lease_until)
   -- Expired claims this one took timers from go once they hold nothing.
   if taken then spend(b, taken) end
   return won
@@ -230,28 +235,23 @@ local function take_refs(b, keys, ms, now, owner, lease_until)
       end
     else
       local n = #rk + 1
-      rk[n], rg[n], rj[n] = keys[j], string.match(ms[j], '%z(%d+)$'), j
+      local _, g = split(ms[j])
+      rk[n], rg[n], rj[n] = keys[j], g, j
     end
   end
   local out = {}
   if #wk > 0 then
     vcall('ZREM', KEYS[b], wm)
     local recs = vget('HMGET', KEYS[b + 1], wk)
-    local lid = redis.call('HINCRBY', KEYS[b + 4], '0', 1)
-    local fly = {}
+    local held = {}
     for x = 1, #wk do
       if recs[x] then
-        fly[#fly + 1] = lid
-        fly[#fly + 1] = wk[x]
+        held[#held + 1] = wk[x]
         out[#out + 1] = wj[x]
         out[#out + 1] = recs[x]
       end
     end
-    if #fly > 0 then
-      vcall('ZADD', KEYS[b + 2], fly)
-      redis.call('ZADD', KEYS[b + 3], lease_until, lid)
-      redis.call('HSET', KEYS[b + 4], lid, owner)
-    end
+    if #held > 0 then hold(b, held, owner, lease_until) end
   end
   if #rk > 0 then
     local won = take_all(b, rk, rg, now, owner, lease_until)
