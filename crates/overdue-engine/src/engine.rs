@@ -728,8 +728,9 @@ impl Shared {
         self.idle.send_modify(|c| *c = c.saturating_sub(n));
     }
 
-    /// Moves the covered range of the index forward to `now + horizon`, page by page.
-    async fn load_horizon(&self, now: i64) -> Result<()> {
+    /// Moves the covered range of the index forward to `now + horizon`, page by page, notifying
+    /// `page_loaded` after each page.
+    async fn load_horizon(&self, now: i64, page_loaded: &Notify) -> Result<()> {
         let Some(index) = &self.index else { return Ok(()) };
         let epoch = self.store.ownership_epoch();
         if self.ownership_epoch.swap(epoch, Relaxed) != epoch {
@@ -782,6 +783,7 @@ impl Shared {
                 ix.upsert(r);
             }
             self.stats.resident.store(ix.len() as u64, Relaxed);
+            page_loaded.notify_one();
             if full && ix.len() >= self.cfg.max_resident {
                 // Memory cap: cover only the milliseconds fully loaded; the rest is loaded as the
                 // index drains, restarting at the start of the cursor's millisecond (a timer
@@ -795,6 +797,66 @@ impl Shared {
                 return Ok(());
             }
         }
+    }
+
+    /// One wheel/heap pass: loads the window and fires what is due, the two overlapped: the due
+    /// refs of each loaded page are claimed while the next page is read. (A start behind the
+    /// clock, or a pause, makes the window a backlog of due timers; loading all of it before the
+    /// first claim left the store idle for the claims' share of the time.) Again while the
+    /// loader finds more: at the memory cap, popping is what makes room for the next pages.
+    /// Returns the index's covered bound and whether the store answered.
+    async fn load_and_fire(&self, now: i64) -> (i64, bool) {
+        let page_loaded = Notify::new();
+        let loading = AtomicBool::new(true);
+        let store_ok = AtomicBool::new(true);
+        loop {
+            loading.store(true, Relaxed);
+            let load = async {
+                if let Err(e) = self.load_horizon(now, &page_loaded).await {
+                    tracing::warn!(error = %e, "loading the horizon failed");
+                    store_ok.store(false, Relaxed);
+                }
+                loading.store(false, Relaxed);
+                page_loaded.notify_one();
+            };
+            let fire = async {
+                let mut due = Vec::new();
+                let (mut popped_any, mut retried) = (false, false);
+                loop {
+                    // Read before popping: whatever the loader adds after this read is popped
+                    // in a later round (the loader notifies after every page and at its end).
+                    let more_coming = loading.load(Relaxed);
+                    if let Some(ix) = &self.index {
+                        let mut ix = ix.lock();
+                        ix.pop_due(now, &mut due);
+                        self.stats.resident.store(ix.len() as u64, Relaxed);
+                    }
+                    let popped = !due.is_empty();
+                    let waiting = !self.deferred.lock().is_empty();
+                    if self.stop_claiming.is_cancelled() {
+                        break;
+                    }
+                    if popped || (waiting && !retried) {
+                        // (Deferred wake-ups alone are retried once per round.)
+                        retried |= !popped;
+                        popped_any |= popped;
+                        self.fire_refs(std::mem::take(&mut due)).await;
+                        continue;
+                    }
+                    if !more_coming {
+                        break;
+                    }
+                    page_loaded.notified().await;
+                }
+                popped_any
+            };
+            let ((), popped_any) = tokio::join!(load, fire);
+            if !popped_any || !store_ok.load(Relaxed) || self.stop_claiming.is_cancelled() {
+                break;
+            }
+        }
+        let covered = self.index.as_ref().map_or(i64::MIN, |ix| ix.lock().covered_until);
+        (covered, store_ok.load(Relaxed))
     }
 
     /// Takes `n` in-flight permits, or returns false once shutdown has begun (what is not
@@ -1194,7 +1256,6 @@ async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender
     let mut next_backstop = shared.clock.now_ms();
     let mut next_scan = i64::MIN;
     let mut store_backoff = Duration::from_millis(50);
-    let mut due = Vec::new();
     loop {
         if shared.stop_claiming.is_cancelled() {
             break;
@@ -1233,30 +1294,8 @@ async fn driver(shared: Arc<Shared>, mut pass_rx: mpsc::Receiver<oneshot::Sender
                 }
             }
             Some(TriggerKind::Wheel | TriggerKind::Heap) => {
-                // Load, pop, fire — again while the loader still finds due timers (after a
-                // pause, or at the memory cap, one page at a time).
-                let mut covered = i64::MIN;
-                loop {
-                    if let Err(e) = shared.load_horizon(now).await {
-                        tracing::warn!(error = %e, "loading the horizon failed");
-                        store_ok = false;
-                    }
-                    if let Some(ix) = &shared.index {
-                        let mut ix = ix.lock();
-                        ix.pop_due(now, &mut due);
-                        covered = ix.covered_until;
-                        shared.stats.resident.store(ix.len() as u64, Relaxed);
-                    }
-                    let popped = !due.is_empty();
-                    let waiting = !shared.deferred.lock().is_empty();
-                    if (!popped && !waiting) || !store_ok || shared.stop_claiming.is_cancelled() {
-                        break;
-                    }
-                    shared.fire_refs(std::mem::take(&mut due)).await;
-                    if !popped {
-                        break; // only deferred wake-ups were retried: once per pass
-                    }
-                }
+                let (covered, ok) = shared.load_and_fire(now).await;
+                store_ok &= ok;
                 if now >= next_backstop {
                     // Only what the index should have held counts as missed: due within the
                     // covered range, overdue by more than the slack, and earlier than anything
