@@ -122,10 +122,12 @@ pub(crate) const APPROVE_REFUND: Move = Move {
 pub(crate) const REJECT_REFUND: Move =
     Move { action: "reject the refund of", to: RefundRejected, event: "refund_rejected", ..APPROVE_REFUND };
 
-/// What a transition write did.
-pub(crate) enum Applied {
-    /// The order moved; here it is (items loaded if asked) with the timers scheduled.
-    Moved(Order, Vec<TimerRef>),
+/// What a transition write did. `O` is what a move hands back: the order (items loaded if
+/// asked), or nothing where the caller does not need it (the SQLite store's timer handlers skip
+/// the read of the moved row).
+pub(crate) enum Applied<O = Order> {
+    /// The order moved; here is `O` with the timers scheduled.
+    Moved(O, Vec<TimerRef>),
     /// The order is not in a state the move starts from.
     Refused { status: OrderStatus, pay_deadline: i64 },
     /// No such order.

@@ -164,6 +164,15 @@ CREATE INDEX orders_buyer_id ON orders (buyer, id);
 const POSTGRES_V3: &str = "SELECT 1";
 const MYSQL_V3: &str = "DO 0";
 
+/// Version 4 (SQLite only; the others record an empty step): no `order_events_kind` index.
+/// Every order writes two or three events, and each paid for an entry in that index; its only
+/// reader was `transition_counts` (`GROUP BY kind`, for metrics and the demo), which scans every
+/// event with or without it (the `(order_id, kind)` index covers it). One b-tree insert fewer per
+/// event on the writer thread (docs/benchmarks.md).
+const SQLITE_V4: &str = "DROP INDEX IF EXISTS order_events_kind;";
+const POSTGRES_V4: &str = "SELECT 1";
+const MYSQL_V4: &str = "DO 0";
+
 const POSTGRES_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS order_schema_version (
     version    INTEGER PRIMARY KEY,
     name       TEXT NOT NULL,
@@ -295,20 +304,24 @@ CREATE TABLE IF NOT EXISTS outbox (
 const V1: &str = "orders, stock, events, outbox";
 const V2: &str = "timer outbox";
 const V3: &str = "orders status check without IN";
+const V4: &str = "no order_events kind index";
 const SQLITE: &[Migration] = &[
     Migration { version: 1, name: V1, sql: SQLITE_V1 },
     Migration { version: 2, name: V2, sql: SQLITE_V2 },
     Migration { version: 3, name: V3, sql: SQLITE_V3 },
+    Migration { version: 4, name: V4, sql: SQLITE_V4 },
 ];
 const POSTGRES: &[Migration] = &[
     Migration { version: 1, name: V1, sql: POSTGRES_V1 },
     Migration { version: 2, name: V2, sql: POSTGRES_V2 },
     Migration { version: 3, name: V3, sql: POSTGRES_V3 },
+    Migration { version: 4, name: V4, sql: POSTGRES_V4 },
 ];
 const MYSQL: &[Migration] = &[
     Migration { version: 1, name: V1, sql: MYSQL_V1 },
     Migration { version: 2, name: V2, sql: MYSQL_V2 },
     Migration { version: 3, name: V3, sql: MYSQL_V3 },
+    Migration { version: 4, name: V4, sql: MYSQL_V4 },
 ];
 
 /// The databases the order tables are written for. Only SQLite runs the order service today;
@@ -462,7 +475,11 @@ mod tests {
         let conn = Connection::open_in_memory().expect("open");
         assert_eq!(migrate_sqlite(&conn, 1).expect("first"), 0);
         assert_eq!(migrate_sqlite(&conn, 2).expect("second"), latest_version());
-        assert_eq!(applied_versions(&conn).expect("versions"), vec![1, 2, 3]);
+        assert_eq!(applied_versions(&conn).expect("versions"), vec![1, 2, 3, 4]);
+        let kind_index: i64 = conn
+            .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'order_events_kind'", [], |r| r.get(0))
+            .expect("schema");
+        assert_eq!(kind_index, 0, "step 4 drops the kind index");
         conn.execute("INSERT INTO order_schema_version VALUES (99, 'future', 3)", []).expect("future");
         let err = migrate_sqlite(&conn, 4).expect_err("newer schema is refused");
         assert!(err.to_string().contains("newer"), "{err}");

@@ -73,7 +73,7 @@ fn schedule(ctx: &mut WriteCtx<'_, '_>, home: TimerHome, specs: &[TimerSpec], no
 /// Cancels a timer where `home` says.
 fn cancel(ctx: &mut WriteCtx<'_, '_>, home: TimerHome, queue: &str, key: &str, now: i64) -> overdue::Result<()> {
     match home {
-        TimerHome::Here => ctx.cancel(queue, key).map(|_| ()),
+        TimerHome::Here => ctx.remove(queue, key).map(|_| ()),
         TimerHome::Outbox => ctx
             .prepare(sql::TIMER_OUTBOX_INSERT)
             .and_then(|mut s| s.execute(params!["cancel", queue, key, Option::<i64>::None, now]))
@@ -183,7 +183,8 @@ impl SqliteDb {
 }
 
 /// Applies `mv` to order `id` inside a write closure. Writes nothing unless the order matched.
-#[allow(clippy::too_many_arguments)]
+/// Reads nothing back: a timer handler needs only whether the order moved, and the API reads
+/// the moved order itself ([`moved_order`]).
 fn apply(
     ctx: &mut WriteCtx<'_, '_>,
     home: TimerHome,
@@ -192,25 +193,14 @@ fn apply(
     now: i64,
     cause: Cause<'_>,
     schedule_delay_ms: i64,
-    with_items: bool,
-) -> overdue::Result<Applied> {
-    let conn = ctx.connection();
+) -> overdue::Result<Applied<()>> {
     let changed = ctx
         .prepare(sql::TRANSITION)
         .and_then(|mut s| {
             s.execute(params![id, mv.to, now, mv.close_reason, mv.from[0], mv.from[1], i64::from(mv.before_deadline)])
         })
         .store_err(mv.action)?;
-    let moved = if changed == 0 {
-        None
-    } else {
-        Some(
-            ctx.prepare(sql::SELECT_ORDER)
-                .and_then(|mut s| s.query_row([id], read::order_row))
-                .store_err(mv.action)?,
-        )
-    };
-    let Some(mut order) = moved else {
+    if changed == 0 {
         let state = ctx
             .prepare(sql::ORDER_STATE)
             .and_then(|mut s| s.query_row([id], |r| Ok((r.get::<_, OrderStatus>(0)?, r.get::<_, i64>(1)?))).optional())
@@ -219,12 +209,12 @@ fn apply(
             Some((status, pay_deadline)) => Applied::Refused { status, pay_deadline },
             None => Applied::Missing,
         });
-    };
+    }
     ctx.prepare(sql::INSERT_EVENT)
         .and_then(|mut s| s.execute(params![id, mv.event, now, cause.source, cause.detail]))
         .store_err("record order event")?;
-    let items = if mv.release_stock || with_items { read::items(conn, id)? } else { Vec::new() };
     if mv.release_stock {
+        let items = read::items(ctx.connection(), id)?;
         let mut release = ctx.prepare(sql::RELEASE_STOCK).store_err("release stock")?;
         for it in &items {
             release.execute(params![it.product_id, it.quantity]).store_err("release stock")?;
@@ -238,10 +228,14 @@ fn apply(
         let due_at = now.saturating_add(schedule_delay_ms);
         timers = schedule(ctx, home, &[TimerSpec::new(queue, id, due_at)], now, false)?;
     }
-    if with_items {
-        order.items = items;
-    }
-    Ok(Applied::Moved(order, timers))
+    Ok(Applied::Moved((), timers))
+}
+
+/// The order `apply` just moved, with its items, read inside the same write.
+fn moved_order(ctx: &mut WriteCtx<'_, '_>, id: &str, action: &str) -> overdue::Result<Order> {
+    let mut order = ctx.prepare(sql::SELECT_ORDER).and_then(|mut s| s.query_row([id], read::order_row)).store_err(action)?;
+    order.items = read::items(ctx.connection(), id)?;
+    Ok(order)
 }
 
 /// Wakes the relay when a write that may have left timer changes is done (committed or not).
@@ -366,12 +360,12 @@ impl OrderDb for SqliteDb {
         self.store
             .write_without_savepoint(move |ctx| {
                 let now = clock.now_ms();
-                match apply(ctx, home, &id, &mv, now, BY_API, delay, true)? {
-                    Applied::Moved(order, timers) => Ok(Ok((order, timers))),
+                match apply(ctx, home, &id, &mv, now, BY_API, delay)? {
+                    Applied::Moved((), timers) => Ok(Ok((moved_order(ctx, &id, mv.action)?, timers))),
                     Applied::Missing => Err(abort(OrderError::NotFound { what: "order", id })),
                     Applied::Refused { status, pay_deadline } => match refusal(&id, &mv, status, pay_deadline, now) {
                         Refusal::CloseLate => {
-                            apply(ctx, home, &id, &CLOSE, now, LATE_PAYMENT, 0, false)?;
+                            apply(ctx, home, &id, &CLOSE, now, LATE_PAYMENT, 0)?;
                             Ok(Err(OrderError::OrderClosed { id }))
                         }
                         Refusal::Error(e) => Err(abort(e)),
@@ -388,7 +382,7 @@ impl OrderDb for SqliteDb {
         self.store
             .write_without_savepoint(move |ctx| {
                 let now = clock.now_ms();
-                let applied = apply(ctx, home, &id, &mv, now, Cause { source: &source, detail: None }, 0, false)?;
+                let applied = apply(ctx, home, &id, &mv, now, Cause { source: &source, detail: None }, 0)?;
                 Ok(matches!(applied, Applied::Moved(..)))
             })
             .await

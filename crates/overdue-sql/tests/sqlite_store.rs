@@ -431,6 +431,49 @@ async fn reopening_clears_leases_and_keeps_every_timer() {
     assert_eq!(t.payload, b"q/k0999");
 }
 
+/// Schema step 3 drops `timers_leased`: a database written before it loses the index at open,
+/// and its claims are still cleared (by a scan of `timers`).
+#[tokio::test]
+async fn a_version_2_database_loses_its_lease_index_and_still_clears_leases() {
+    let dir = TempDir::new().expect("tempdir");
+    let path = dir.path().join("old.db");
+    let store = SqliteStore::open(&path, opts()).await.expect("open");
+    store.schedule((0..20).map(|i| spec("q", &format!("k{i:02}"), T0 + i)).collect(), T0).await.expect("schedule");
+    assert_eq!(store.claim_due(T0 + 5, T0 + 5, 3, "dead-node", T0 + 3_600_000).await.expect("claim").len(), 3);
+    let index_count = |store: SqliteStore| async move {
+        store
+            .write(|ctx| {
+                ctx.connection()
+                    .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'timers_leased'", [], |r| r.get::<_, i64>(0))
+                    .store_err("test sql")
+            })
+            .await
+            .expect("read schema")
+    };
+    assert_eq!(index_count(store.clone()).await, 0, "a new database has no lease index");
+    // Back to what a build before step 3 left: the index, and version 2 recorded.
+    store
+        .write(|ctx| {
+            ctx.connection()
+                .execute_batch(
+                    "CREATE INDEX timers_leased ON timers (lease_until) WHERE lease_until IS NOT NULL;
+                     DELETE FROM overdue_schema WHERE version = 3;",
+                )
+                .store_err("test sql")
+        })
+        .await
+        .expect("downgrade");
+    assert_eq!(index_count(store.clone()).await, 1);
+    drop(store);
+
+    let store = SqliteStore::open(&path, opts()).await.expect("reopen migrates");
+    assert_eq!(index_count(store.clone()).await, 0, "step 3 dropped the index");
+    let counts = store.counts(T0 + 5).await.expect("counts");
+    assert_eq!(counts, vec![QueueCount { queue: "q".into(), pending: 20, in_flight: 0, dead: 0 }], "leases cleared at open");
+    let again = store.claim_due(T0 + 5, T0 + 5, 100, "new-node", T0 + MIN).await.expect("claim");
+    assert_eq!(again.len(), 6, "the dead node's claims fire again at once");
+}
+
 #[tokio::test]
 async fn a_second_open_fails_clearly_while_the_first_holds_the_lock() {
     let dir = TempDir::new().expect("tempdir");
@@ -732,6 +775,24 @@ async fn write_ctx_cancel_and_reschedule_share_the_store_semantics() {
     let t = store.get("order.auto_confirm", "o-1", T0).await.expect("get").expect("stored");
     assert_eq!((Some(t.generation), t.due_at), (moved, T0 + 8 * MIN));
     assert!(store.get("order.close", "o-1", T0).await.expect("get").is_none());
+}
+
+#[tokio::test]
+async fn write_ctx_remove_deletes_whatever_generation_is_stored() {
+    let dir = TempDir::new().expect("tempdir");
+    let store = open(&dir).await;
+    let r = one(&store, spec("order.close", "o-1", T0 + 5), T0).await;
+    // Claimed or not, the timer goes; a second remove finds nothing.
+    assert_eq!(store.claim(std::slice::from_ref(&r), "n", T0 + 5, T0 + MIN).await.expect("claim").len(), 1);
+    let removed = store
+        .write(|ctx| Ok((ctx.remove("order.close", "o-1")?, ctx.remove("order.close", "o-1")?, ctx.remove("order.close", "o-2")?)))
+        .await
+        .expect("write");
+    assert_eq!(removed, (true, false, false));
+    assert!(store.get("order.close", "o-1", T0).await.expect("get").is_none());
+    // The claim's settlement afterwards changes nothing.
+    store.settle(vec![Settlement::Done(r)], T0 + 6).await.expect("settle");
+    assert!(store.counts(T0 + 6).await.expect("counts").is_empty());
 }
 
 #[tokio::test]

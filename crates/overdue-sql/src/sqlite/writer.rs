@@ -336,6 +336,8 @@ fn attempts_out(attempts: i64) -> u32 {
     u32::try_from(attempts.max(0)).unwrap_or(u32::MAX)
 }
 
+/// `(queue, key)`: [`WriteCtx::remove`].
+const DELETE_TIMER: &str = "DELETE FROM timers WHERE queue = ?1 AND key = ?2";
 /// `(queue, key, generation, due_at)`: one notice for the external trigger's relay.
 const OUTBOX_INSERT: &str = "INSERT INTO timer_outbox (queue, key, generation, due_at) VALUES (?1, ?2, ?3, ?4)";
 /// `(seq)`.
@@ -420,6 +422,14 @@ impl<'a, 'c> WriteCtx<'a, 'c> {
         let mut stmt = self.prepare(Q.settle_done).store_err("cancel")?;
         let removed = stmt.execute(params![queue, key, generation]).store_err("cancel")?;
         Ok((removed > 0).then(|| gen_out(generation)))
+    }
+
+    /// Removes a timer whatever its generation, in one `DELETE` (no read of the generation):
+    /// for a caller that does not need it, as a transition cancelling its order's timers.
+    /// Returns whether a timer was removed.
+    pub fn remove(&mut self, queue: &str, key: &str) -> Result<bool> {
+        let mut stmt = self.prepare(DELETE_TIMER).store_err("cancel")?;
+        Ok(stmt.execute(params![queue, key]).store_err("cancel")? > 0)
     }
 
     /// Moves a timer, as [`overdue_core::Store::reschedule`]; returns the new generation.
