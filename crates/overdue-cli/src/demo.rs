@@ -118,9 +118,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                     let closed = counts.iter().find(|(s, _)| *s == OrderStatus::Closed).map_or(0, |c| c.1);
                     closed_bar.set_position(closed);
                 }
-                if let Ok(kinds) = svc.transition_counts().await {
-                    reminded_bar.set_position(kinds.iter().find(|(k, _)| k == "reminded").map_or(0, |c| c.1));
-                }
+                let kinds = svc.transitions_committed();
+                reminded_bar.set_position(kinds.iter().find(|(k, _)| *k == "reminded").map_or(0, |c| c.1));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })

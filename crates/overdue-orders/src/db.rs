@@ -22,6 +22,17 @@ pub(crate) struct OrderPlan {
     pub(crate) remind_before_ms: i64,
 }
 
+/// What an API move committed. A payment at or after the deadline of a still-pending order
+/// closes it (reason `timeout`) and is refused: [`ApiMoved::ClosedLate`], which the service turns
+/// into [`crate::OrderError::OrderClosed`] after counting the `closed` transition it committed.
+#[derive(Debug)]
+pub(crate) enum ApiMoved {
+    /// The move applied: the order (with items) and the timers it scheduled.
+    Moved(Order, Vec<TimerRef>),
+    /// The payment came too late; the order was closed in its place.
+    ClosedLate,
+}
+
 /// One backend's statements for the order service. "now" is read from the clock *inside* the
 /// transaction, so a payment is judged at the moment it is applied, after any queueing.
 #[async_trait]
@@ -45,9 +56,9 @@ pub(crate) trait OrderDb: Send + Sync + std::fmt::Debug + 'static {
     async fn create_product(&self, p: NewProduct, clock: Arc<dyn Clock>) -> Result<Product>;
     /// Reserves stock, writes the order, its lines, its `created` event and its timers.
     async fn create_order(&self, o: NewOrder, plan: OrderPlan, clock: Arc<dyn Clock>) -> Result<(Order, Vec<TimerRef>)>;
-    /// An API move: the order (with items) and the timers it scheduled, or the refusal as an
-    /// error (see [`crate::machine::refusal`]).
-    async fn api_move(&self, id: String, mv: Move, delay_ms: i64, clock: Arc<dyn Clock>) -> Result<(Order, Vec<TimerRef>)>;
+    /// An API move: what it committed, or the refusal as an error (see
+    /// [`crate::machine::refusal`]).
+    async fn api_move(&self, id: String, mv: Move, delay_ms: i64, clock: Arc<dyn Clock>) -> Result<ApiMoved>;
     /// A timer-driven move; `Ok(false)` when the order was not in the move's start state.
     async fn timer_move(&self, id: String, mv: Move, source: String, clock: Arc<dyn Clock>) -> overdue::Result<bool>;
     /// The payment reminder: `reminded` event once, outbox row only when it was inserted.

@@ -166,7 +166,7 @@ const MYSQL_V3: &str = "DO 0";
 
 /// Version 4 (SQLite only; the others record an empty step): no `order_events_kind` index.
 /// Every order writes two or three events, and each paid for an entry in that index; its only
-/// reader was `transition_counts` (`GROUP BY kind`, for metrics and the demo), which scans every
+/// reader is `transition_counts` (`GROUP BY kind`; metrics read in-process counters instead), which scans every
 /// event with or without it (without it: the `(order_id, kind)` index and a temporary b-tree
 /// for the grouping, ~6x slower: 760 against 130 ms on 2.5M events). One b-tree insert fewer per
 /// event on the writer thread, 6 % of its instructions per order (docs/benchmarks.md).

@@ -17,7 +17,7 @@ use overdue::{Clock, TimerRef, TimerSpec};
 use overdue_sql::{SqlResultExt, SqliteStore, WriteCtx};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::db::{OrderDb, OrderPlan};
+use crate::db::{ApiMoved, OrderDb, OrderPlan};
 use crate::error::{OrderError, Result};
 use crate::machine::*;
 use crate::model::*;
@@ -352,7 +352,7 @@ impl OrderDb for SqliteDb {
         written.map_err(recover)
     }
 
-    async fn api_move(&self, id: String, mv: Move, delay: i64, clock: Arc<dyn Clock>) -> Result<(Order, Vec<TimerRef>)> {
+    async fn api_move(&self, id: String, mv: Move, delay: i64, clock: Arc<dyn Clock>) -> Result<ApiMoved> {
         // `apply` writes nothing unless the transition matched, and every refusal returns before
         // that: no savepoint needed.
         let home = self.home;
@@ -361,19 +361,19 @@ impl OrderDb for SqliteDb {
             .write_without_savepoint(move |ctx| {
                 let now = clock.now_ms();
                 match apply(ctx, home, &id, &mv, now, BY_API, delay)? {
-                    Applied::Moved((), timers) => Ok(Ok((moved_order(ctx, &id, mv.action)?, timers))),
+                    Applied::Moved((), timers) => Ok(ApiMoved::Moved(moved_order(ctx, &id, mv.action)?, timers)),
                     Applied::Missing => Err(abort(OrderError::NotFound { what: "order", id })),
                     Applied::Refused { status, pay_deadline } => match refusal(&id, &mv, status, pay_deadline, now) {
                         Refusal::CloseLate => {
                             apply(ctx, home, &id, &CLOSE, now, LATE_PAYMENT, 0)?;
-                            Ok(Err(OrderError::OrderClosed { id }))
+                            Ok(ApiMoved::ClosedLate)
                         }
                         Refusal::Error(e) => Err(abort(e)),
                     },
                 }
             })
             .await
-            .map_err(recover)?
+            .map_err(recover)
     }
 
     async fn timer_move(&self, id: String, mv: Move, source: String, clock: Arc<dyn Clock>) -> overdue::Result<bool> {

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use overdue::{Clock, TimerRef, TimerSpec};
 
-use crate::db::{OrderDb, OrderPlan};
+use crate::db::{ApiMoved, OrderDb, OrderPlan};
 use crate::error::{OrderError, Result};
 use crate::machine::*;
 use crate::model::*;
@@ -339,18 +339,18 @@ async fn create_order<T: Tx>(mut tx: T, o: &NewOrder, plan: OrderPlan, now: i64)
     Ok((order, timers))
 }
 
-async fn api_move<T: Tx>(mut tx: T, id: &str, mv: &Move, delay: i64, now: i64) -> Result<(Order, Vec<TimerRef>)> {
+async fn api_move<T: Tx>(mut tx: T, id: &str, mv: &Move, delay: i64, now: i64) -> Result<ApiMoved> {
     match apply(&mut tx, id, mv, now, BY_API, delay, true).await? {
         Applied::Moved(order, timers) => {
             tx.commit().await?;
-            Ok((order, timers))
+            Ok(ApiMoved::Moved(order, timers))
         }
         Applied::Missing => Err(OrderError::NotFound { what: "order", id: id.to_owned() }),
         Applied::Refused { status, pay_deadline } => match refusal(id, mv, status, pay_deadline, now) {
             Refusal::CloseLate => {
                 apply(&mut tx, id, &CLOSE, now, LATE_PAYMENT, 0, false).await?;
                 tx.commit().await?;
-                Err(OrderError::OrderClosed { id: id.to_owned() })
+                Ok(ApiMoved::ClosedLate)
             }
             Refusal::Error(e) => Err(e),
         },
@@ -719,7 +719,7 @@ macro_rules! backend {
                     retrying(|| async { create_order(self.begin().await?, &o, plan, clock.now_ms()).await }).await
                 }
 
-                async fn api_move(&self, id: String, mv: Move, delay: i64, clock: Arc<dyn Clock>) -> Result<(Order, Vec<TimerRef>)> {
+                async fn api_move(&self, id: String, mv: Move, delay: i64, clock: Arc<dyn Clock>) -> Result<ApiMoved> {
                     retrying(|| async {
                         let tx = self.begin().await?;
                         api_move(tx, &id, &mv, delay, clock.now_ms()).await

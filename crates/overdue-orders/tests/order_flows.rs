@@ -319,6 +319,7 @@ async fn listing_pages_newest_first_and_filters(db: Db) {
     let transitions = shop.svc.transition_counts().await.expect("transition counts");
     assert!(transitions.contains(&("created".to_string(), 12)) && transitions.contains(&("paid".to_string(), 3)), "{transitions:?}");
     assert!(transitions.contains(&("refunded".to_string(), 0)), "every kind is listed: {transitions:?}");
+    shop.assert_transitions_counted().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

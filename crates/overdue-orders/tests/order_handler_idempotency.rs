@@ -7,7 +7,10 @@ use overdue::Outcome;
 use overdue_orders::*;
 
 /// Everything a handler could touch, for before/after comparison.
+/// The in-process transition counters are checked against the events on every snapshot, so a
+/// repeated firing that counted a transition it did not commit fails too.
 async fn snapshot(shop: &Shop, id: &str) -> (Order, Vec<OrderEvent>, i64, usize, Vec<(String, u64)>) {
+    shop.assert_transitions_counted().await;
     (
         shop.svc.get_order(id).await.expect("order"),
         shop.svc.order_events(id).await.expect("events"),

@@ -133,6 +133,7 @@ async fn verify(shop: &Shop, orders: &[Order], paid: &[bool]) -> (usize, usize) 
     }
     let report = shop.svc.check_invariants(0).await.expect("invariants");
     assert!(report.ok(), "{report:?}");
+    shop.assert_transitions_counted().await;
     assert_eq!(report.orders as usize, shop.svc.status_counts().await.expect("counts").iter().map(|(_, n)| *n as usize).sum::<usize>());
     (n_paid, n_closed)
 }

@@ -12,7 +12,7 @@
 //! | `overdue_timers_in_flight` (gauge) | `queue` | `engine.counts()` |
 //! | `overdue_dead_letters_stored` (gauge) | `queue` | `engine.counts()` |
 //! | `overdue_orders` (gauge) | `status` | order service, every status (0 included) |
-//! | `overdue_order_transitions_total` (counter) | `kind` | order service (`order_events` rows) |
+//! | `overdue_order_transitions_total` (counter) | `kind` | transitions this process committed (`OrderService::transitions_committed`; no database read) |
 //!
 //! The recorder is installed once per process ([`install`], a `OnceLock`), so several apps in
 //! one process (tests) share it; gauges then show the app scraped last.
@@ -150,7 +150,7 @@ async fn refresh(state: &AppState) -> Result<(), String> {
         let n = statuses.iter().find(|(s, _)| *s == st).map_or(0, |(_, n)| *n);
         metrics::gauge!("overdue_orders", "status" => st.as_str()).set(n as f64);
     }
-    for (kind, n) in state.orders.transition_counts().await.map_err(|e| e.to_string())? {
+    for (kind, n) in state.orders.transitions_committed() {
         metrics::counter!("overdue_order_transitions_total", "kind" => kind).absolute(n);
     }
     Ok(())

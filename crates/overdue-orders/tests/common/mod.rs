@@ -87,6 +87,15 @@ impl Shop {
         Some(Shop { svc, engine, clock, db, dir })
     }
 
+    /// The service's in-process transition counters agree with the `order_events` rows of its
+    /// (fresh, unshared) database: every committed transition counted once, nothing else counted.
+    pub async fn assert_transitions_counted(&self) {
+        let in_db = self.svc.transition_counts().await.expect("transition counts");
+        let counted: Vec<(String, u64)> =
+            self.svc.transitions_committed().into_iter().map(|(k, n)| (k.to_owned(), n)).collect();
+        assert_eq!(counted, in_db, "transitions counted in process vs order_events rows");
+    }
+
     /// Relays pending timer changes to the timer store (orders in SQLite, timers in Redis); a
     /// no-op elsewhere.
     pub async fn flush(&self) {
@@ -130,9 +139,11 @@ impl Shop {
         self.svc.order_events(id).await.expect("events").into_iter().map(|e| e.kind).collect()
     }
 
+    /// The invariant check, and the in-process transition counters against the events.
     pub async fn assert_invariants(&self) {
         let report = self.svc.check_invariants(0).await.expect("check invariants");
         assert!(report.ok(), "invariant broken: {report:?}");
+        self.assert_transitions_counted().await;
     }
 }
 
