@@ -245,8 +245,27 @@ pub(crate) async fn run(trigger: KafkaTrigger, sink: Arc<dyn DueSink>) -> Result
             Ok(None) | Err(_) => break,
         }
     }
-    st.commit(&consumer, CommitMode::Sync);
+    // The last commit waits for the broker, and dropping the consumer leaves the group (librdkafka
+    // blocks until the broker answers or its timeouts pass, seconds when the broker is gone):
+    // both on a blocking thread, so no tokio worker stalls meanwhile.
+    let last = st.uncommitted();
     drop(stream);
+    let owner = trigger.clone();
+    let closed = tokio::task::spawn_blocking(move || {
+        if let Some((tpl, _)) = last {
+            match consumer.commit(&tpl, CommitMode::Sync) {
+                Ok(()) => {
+                    owner.inner.counters.commits.fetch_add(1, Relaxed);
+                }
+                Err(e) => tracing::debug!(error = %e, "the last offset commit failed; the group's next member re-reads from the one before"),
+            }
+        }
+        drop(consumer);
+    })
+    .await;
+    if let Err(e) = closed {
+        tracing::warn!(error = %e, "closing the kafka consumer panicked");
+    }
     inner.consuming.store(false, Relaxed);
     Ok(())
 }
@@ -463,8 +482,8 @@ impl State {
         }
     }
 
-    fn commit(&mut self, consumer: &StreamConsumer<Ctx>, mode: CommitMode) {
-        self.last_commit = Instant::now();
+    /// The offsets that moved since the last commit: the list to commit, and which they are.
+    fn uncommitted(&self) -> Option<(TopicPartitionList, Vec<(PartKey, i64)>)> {
         let mut tpl = TopicPartitionList::new();
         let mut changed = Vec::new();
         for (&(topic, partition), part) in &self.parts {
@@ -475,9 +494,14 @@ impl State {
                 changed.push(((topic, partition), p));
             }
         }
-        if changed.is_empty() {
-            return;
-        }
+        (!changed.is_empty()).then_some((tpl, changed))
+    }
+
+    /// Commits the offsets that moved (asynchronously: this runs on the consumer's task; the
+    /// last, synchronous commit at shutdown runs on a blocking thread, see [`run`]).
+    fn commit(&mut self, consumer: &StreamConsumer<Ctx>, mode: CommitMode) {
+        self.last_commit = Instant::now();
+        let Some((tpl, changed)) = self.uncommitted() else { return };
         match consumer.commit(&tpl, mode) {
             Ok(()) => {
                 self.counters().commits.fetch_add(1, Relaxed);
