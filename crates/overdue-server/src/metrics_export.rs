@@ -83,7 +83,7 @@ fn describe() {
     describe_gauge!("overdue_timers_in_flight", "Timers claimed and not yet settled, per queue.");
     describe_gauge!("overdue_dead_letters_stored", "Dead letters waiting for a replay, per queue.");
     describe_gauge!("overdue_orders", "Orders per status.");
-    describe_counter!("overdue_order_transitions_total", "Order transitions recorded, per kind.");
+    describe_counter!("overdue_order_transitions_total", "Order transitions this process committed, per kind.");
     describe_counter!("overdue_http_requests_total", "HTTP requests, per method, route and status.");
     describe_histogram!("overdue_http_request_duration_seconds", metrics::Unit::Seconds, "HTTP request latency.");
     describe_counter!("overdue_metrics_scrape_errors_total", "Scrapes whose store-backed gauges could not be read.");
