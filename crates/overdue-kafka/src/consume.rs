@@ -247,7 +247,8 @@ pub(crate) async fn run(trigger: KafkaTrigger, sink: Arc<dyn DueSink>) -> Result
     }
     // The last commit waits for the broker, and dropping the consumer leaves the group (librdkafka
     // blocks until the broker answers or its timeouts pass, seconds when the broker is gone):
-    // both on a blocking thread, so no tokio worker stalls meanwhile.
+    // both on a blocking thread, so no tokio worker stalls meanwhile. If the engine's stop gives up
+    // waiting and aborts this task, the thread still commits and closes, and clears `consuming`.
     let last = st.uncommitted();
     drop(stream);
     let owner = trigger.clone();
@@ -261,9 +262,12 @@ pub(crate) async fn run(trigger: KafkaTrigger, sink: Arc<dyn DueSink>) -> Result
             }
         }
         drop(consumer);
+        owner.inner.consuming.store(false, Relaxed);
     })
     .await;
-    if let Err(e) = closed {
+    if let Err(e) = closed
+        && e.is_panic()
+    {
         tracing::warn!(error = %e, "closing the kafka consumer panicked");
     }
     inner.consuming.store(false, Relaxed);

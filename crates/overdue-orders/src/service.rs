@@ -423,8 +423,9 @@ impl OrderService {
     /// Transitions this service committed since it opened, per kind: every kind of
     /// [`EVENT_KINDS`] in that order (0 if none). Free to call (no database read): this is what
     /// `/metrics` exports as `overdue_order_transitions_total`. Counts only this process's
-    /// writes, so on several nodes over one database each counts its own (sum them); a write
-    /// whose commit reply was lost (the connection dropped after `COMMIT`) is not counted.
+    /// writes, so on several nodes over one database each counts its own (sum them). It can fall
+    /// short of the events, never exceed them: a write whose commit reply was lost, or that
+    /// committed after its caller stopped waiting (handler timeout, shutdown), is not counted.
     /// [`OrderService::transition_counts`] counts the database's events instead.
     pub fn transitions_committed(&self) -> Vec<(&'static str, u64)> {
         EVENT_KINDS.iter().zip(&self.transitions.0).map(|(k, n)| (*k, n.load(Ordering::Relaxed))).collect()

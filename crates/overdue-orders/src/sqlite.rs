@@ -364,10 +364,12 @@ impl OrderDb for SqliteDb {
                     Applied::Moved((), timers) => Ok(ApiMoved::Moved(moved_order(ctx, &id, mv.action)?, timers)),
                     Applied::Missing => Err(abort(OrderError::NotFound { what: "order", id })),
                     Applied::Refused { status, pay_deadline } => match refusal(&id, &mv, status, pay_deadline, now) {
-                        Refusal::CloseLate => {
-                            apply(ctx, home, &id, &CLOSE, now, LATE_PAYMENT, 0)?;
-                            Ok(ApiMoved::ClosedLate)
-                        }
+                        // One writer: nothing can close the order between the read and this close,
+                        // but only a close that happened is reported (and counted) as one.
+                        Refusal::CloseLate => match apply(ctx, home, &id, &CLOSE, now, LATE_PAYMENT, 0)? {
+                            Applied::Moved(..) => Ok(ApiMoved::ClosedLate),
+                            _ => Err(abort(OrderError::OrderClosed { id })),
+                        },
                         Refusal::Error(e) => Err(abort(e)),
                     },
                 }

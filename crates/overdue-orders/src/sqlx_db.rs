@@ -347,11 +347,15 @@ async fn api_move<T: Tx>(mut tx: T, id: &str, mv: &Move, delay: i64, now: i64) -
         }
         Applied::Missing => Err(OrderError::NotFound { what: "order", id: id.to_owned() }),
         Applied::Refused { status, pay_deadline } => match refusal(id, mv, status, pay_deadline, now) {
-            Refusal::CloseLate => {
-                apply(&mut tx, id, &CLOSE, now, LATE_PAYMENT, 0, false).await?;
-                tx.commit().await?;
-                Ok(ApiMoved::ClosedLate)
-            }
+            Refusal::CloseLate => match apply(&mut tx, id, &CLOSE, now, LATE_PAYMENT, 0, false).await? {
+                Applied::Moved(..) => {
+                    tx.commit().await?;
+                    Ok(ApiMoved::ClosedLate)
+                }
+                // Under READ COMMITTED the close timer (or a buyer cancel) can commit between our
+                // status read and this close: it closed the order, we wrote nothing.
+                _ => Err(OrderError::OrderClosed { id: id.to_owned() }),
+            },
             Refusal::Error(e) => Err(e),
         },
     }

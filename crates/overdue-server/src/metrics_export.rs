@@ -3,8 +3,10 @@
 //! The engine counts through the `metrics` facade as things happen
 //! (`overdue_timers_{scheduled,fired,cancelled,completed}_total`, `overdue_fire_lateness_seconds`,
 //! `overdue_handler_failures_total`, `overdue_dead_letters_total`,
-//! `overdue_backstop_rescued_total`), and the HTTP layer counts requests. What is state rather
-//! than events is read from the store when Prometheus scrapes:
+//! `overdue_backstop_rescued_total`), and the HTTP layer counts requests. The order service
+//! counts its committed transitions in memory (`OrderService::transitions_committed`), copied to
+//! `overdue_order_transitions_total{kind}` at each scrape without a database read. What is state
+//! rather than events is read from the store when Prometheus scrapes:
 //!
 //! | metric | labels | source |
 //! |---|---|---|
@@ -12,7 +14,6 @@
 //! | `overdue_timers_in_flight` (gauge) | `queue` | `engine.counts()` |
 //! | `overdue_dead_letters_stored` (gauge) | `queue` | `engine.counts()` |
 //! | `overdue_orders` (gauge) | `status` | order service, every status (0 included) |
-//! | `overdue_order_transitions_total` (counter) | `kind` | transitions this process committed (`OrderService::transitions_committed`; no database read) |
 //!
 //! The recorder is installed once per process ([`install`], a `OnceLock`), so several apps in
 //! one process (tests) share it; gauges then show the app scraped last.
@@ -108,6 +109,10 @@ impl Scrape {
 /// logged and counted; the event metrics are rendered anyway.
 pub(crate) async fn render(state: &AppState) -> String {
     let handle = install();
+    // In memory: exported even when the store reads below fail.
+    for (kind, n) in state.orders.transitions_committed() {
+        metrics::counter!("overdue_order_transitions_total", "kind" => kind).absolute(n);
+    }
     if let Err(e) = refresh(state).await {
         tracing::warn!(error = %e, "metrics scrape could not read the store");
         metrics::counter!("overdue_metrics_scrape_errors_total").increment(1);
@@ -149,9 +154,6 @@ async fn refresh(state: &AppState) -> Result<(), String> {
     for st in OrderStatus::ALL {
         let n = statuses.iter().find(|(s, _)| *s == st).map_or(0, |(_, n)| *n);
         metrics::gauge!("overdue_orders", "status" => st.as_str()).set(n as f64);
-    }
-    for (kind, n) in state.orders.transitions_committed() {
-        metrics::counter!("overdue_order_transitions_total", "kind" => kind).absolute(n);
     }
     Ok(())
 }
