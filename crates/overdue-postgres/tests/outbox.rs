@@ -1,7 +1,9 @@
 //! The outbox (`?outbox=true`): every write that gives a timer a new generation or a new due
 //! time records a notice in the same statement; `outbox_fetch` reads them oldest first without
 //! waiting for other nodes; `outbox_ack` deletes exactly the given rows. With the outbox off
-//! nothing is written and a relay is refused.
+//! nothing is written and a relay is refused. The cases that need only the `Store` trait are
+//! `overdue_testkit::outbox_store`'s (shared with the other SQL store); this file opens the store
+//! and keeps the cases that need its own SQL.
 
 mod common;
 
@@ -9,6 +11,7 @@ use std::time::Duration;
 
 use overdue_core::{DeadLetterQuery, Error, Settlement, Store, TimerRef, TimerSpec};
 use overdue_postgres::PgStore;
+use overdue_testkit::outbox_store;
 
 const NOW: i64 = 1_700_000_000_000;
 
@@ -37,19 +40,7 @@ async fn rows_in_outbox(s: &PgStore) -> i64 {
 async fn an_upsert_writes_one_notice_per_new_generation() {
     let Some(s) = store(true).await else { return };
     assert!(s.outbox());
-    let gens = s.schedule(vec![spec("b", NOW + 2), spec("a", NOW + 1), spec("c", NOW + 3)], NOW).await.expect("schedule");
-    let mut got = notices(&s).await;
-    got.sort_by(|x, y| x.key.cmp(&y.key));
-    assert_eq!(got, vec![notice("a", gens[1], NOW + 1), notice("b", gens[0], NOW + 2), notice("c", gens[2], NOW + 3)]);
-    // Replacing a timer is a new generation: one more notice, the old one stays (stale, fenced).
-    let g = s.schedule(vec![spec("a", NOW + 10)], NOW).await.expect("replace")[0];
-    assert!(g > gens[1]);
-    let got = notices(&s).await;
-    assert_eq!(got.len(), 4);
-    assert_eq!(got.last(), Some(&notice("a", g, NOW + 10)), "newest last");
-    // Cancelling writes nothing.
-    assert_eq!(s.cancel("q", "b").await.expect("cancel"), Some(gens[0]));
-    assert_eq!(notices(&s).await.len(), 4);
+    outbox_store::an_upsert_writes_one_notice_per_new_generation(&s).await;
 }
 
 #[tokio::test]
@@ -76,75 +67,13 @@ async fn a_failing_batch_writes_no_notice() {
 #[tokio::test]
 async fn fetch_is_oldest_first_and_ack_deletes_only_those_rows() {
     let Some(s) = store(true).await else { return };
-    let mut gens = Vec::new();
-    for i in 0..5 {
-        gens.push(s.schedule(vec![spec(&format!("k{i}"), NOW + i)], NOW).await.expect("schedule")[0]);
-    }
-    let first = s.outbox_fetch(2).await.expect("fetch");
-    assert_eq!(first.len(), 2, "limit");
-    assert_eq!(first[0].1, notice("k0", gens[0], NOW));
-    assert_eq!(first[1].1, notice("k1", gens[1], NOW + 1));
-    let all = s.outbox_fetch(100).await.expect("fetch");
-    let seqs: Vec<i64> = all.iter().map(|(seq, _)| *seq).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "ascending: {seqs:?}");
-    assert_eq!(all.iter().map(|(_, n)| n.key.as_str()).collect::<Vec<_>>(), ["k0", "k1", "k2", "k3", "k4"]);
-    // Ack two of them and an unknown sequence number (another relay got there first).
-    s.outbox_ack(&[seqs[0], seqs[2], i64::MAX]).await.expect("ack");
-    let left: Vec<i64> = s.outbox_fetch(100).await.expect("fetch").iter().map(|(seq, _)| *seq).collect();
-    assert_eq!(left, vec![seqs[1], seqs[3], seqs[4]]);
-    s.outbox_ack(&[]).await.expect("empty ack");
-    s.outbox_ack(&left).await.expect("ack the rest");
-    s.outbox_ack(&left).await.expect("acking twice is harmless");
-    assert!(s.outbox_fetch(100).await.expect("fetch").is_empty());
-    // Sequence numbers are never reused, even once the table is empty.
-    s.schedule(vec![spec("later", NOW)], NOW).await.expect("schedule");
-    let next = s.outbox_fetch(1).await.expect("fetch")[0].0;
-    assert!(next > seqs[4], "{next} reuses a sequence number <= {}", seqs[4]);
+    outbox_store::fetch_is_oldest_first_and_ack_deletes_only_those_rows(&s).await;
 }
 
 #[tokio::test]
 async fn reschedule_retry_and_replay_write_notices() {
     let Some(s) = store(true).await else { return };
-    let g0 = s.schedule(vec![spec("t", NOW), spec("d", NOW)], NOW).await.expect("schedule");
-    let seqs: Vec<i64> = s.outbox_fetch(10).await.expect("fetch").iter().map(|(q, _)| *q).collect();
-    s.outbox_ack(&seqs).await.expect("ack");
-
-    // Reschedule: a new generation at the new due time; of a missing timer: nothing.
-    let g1 = s.reschedule("q", "t", NOW + 100, NOW).await.expect("reschedule").expect("exists");
-    assert!(s.reschedule("q", "missing", NOW, NOW).await.expect("reschedule").is_none());
-    assert_eq!(notices(&s).await, vec![notice("t", g1, NOW + 100)]);
-    let seqs: Vec<i64> = s.outbox_fetch(10).await.expect("fetch").iter().map(|(q, _)| *q).collect();
-    s.outbox_ack(&seqs).await.expect("ack");
-
-    // Retry: the same generation at its new due time; a stale settlement writes nothing.
-    let t = notice("t", g1, NOW + 100);
-    let claimed = s.claim(std::slice::from_ref(&t), "me", NOW + 100, NOW + 10_000).await.expect("claim");
-    assert_eq!(claimed.len(), 1);
-    let stale = notice("t", g0[0], NOW);
-    s.settle(
-        vec![
-            Settlement::Retry { timer: t.clone(), due_at: NOW + 500, attempts: 1, error: "busy".into() },
-            Settlement::Retry { timer: stale, due_at: NOW + 900, attempts: 1, error: "stale".into() },
-        ],
-        NOW + 100,
-    )
-    .await
-    .expect("settle");
-    assert_eq!(notices(&s).await, vec![notice("t", g1, NOW + 500)]);
-    let seqs: Vec<i64> = s.outbox_fetch(10).await.expect("fetch").iter().map(|(q, _)| *q).collect();
-    s.outbox_ack(&seqs).await.expect("ack");
-
-    // Done, release and dead-lettering write nothing; replaying a dead letter does.
-    let d = notice("d", g0[1], NOW);
-    s.claim(std::slice::from_ref(&d), "me", NOW, NOW + 10_000).await.expect("claim");
-    s.settle(vec![Settlement::DeadLetter { timer: d, attempts: 3, error: "boom".into(), failed_at: NOW }], NOW)
-        .await
-        .expect("dead letter");
-    assert_eq!(rows_in_outbox(&s).await, 0);
-    let id = s.dead_letters(&DeadLetterQuery::default()).await.expect("dead letters")[0].id;
-    let g2 = s.replay(id, NOW + 50, NOW).await.expect("replay").expect("replayed");
-    assert!(s.replay(id, NOW + 50, NOW).await.expect("replay").is_none(), "gone");
-    assert_eq!(notices(&s).await, vec![notice("d", g2, NOW + 50)]);
+    outbox_store::reschedule_retry_and_replay_write_notices(&s).await;
 }
 
 #[tokio::test]

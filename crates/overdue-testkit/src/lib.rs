@@ -16,6 +16,7 @@
 pub mod loopback;
 pub mod memory;
 pub mod outage;
+pub mod outbox_store;
 pub mod outbox_suite;
 pub mod servers;
 pub mod suite;
