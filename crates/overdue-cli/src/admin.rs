@@ -110,6 +110,17 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
     if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) }
 }
 
+/// Writes `text` and a newline to stdout. A reader that went away (`overdue orders list | head`)
+/// is not an error: the output was not wanted any more. `println!` would panic there.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(anyhow::Error::new(e).context("cannot write to stdout")),
+        _ => Ok(()),
+    }
+}
+
 async fn call(remote: &Remote, method: reqwest::Method, path: &str) -> anyhow::Result<ExitCode> {
     let url = format!("{}{}", remote.server.trim_end_matches('/'), path);
     let mut req = reqwest::Client::new().request(method, &url);
@@ -120,7 +131,7 @@ async fn call(remote: &Remote, method: reqwest::Method, path: &str) -> anyhow::R
     let status = resp.status();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     if status.is_success() {
-        println!("{}", serde_json::to_string_pretty(&body)?);
+        print_out(&serde_json::to_string_pretty(&body)?)?;
         Ok(ExitCode::SUCCESS)
     } else {
         let code = body.pointer("/error/code").and_then(Value::as_str).unwrap_or("error");
