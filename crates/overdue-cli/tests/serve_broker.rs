@@ -33,7 +33,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
-use common::{broker_reachable, fresh_kafka_url, fresh_trigger_url, kafka_reachable, server_url};
+use common::{broker_reachable, free_port, fresh_kafka_url, fresh_trigger_url, kafka_reachable, server_url};
 
 /// `--pay-timeout-secs` of the server (orders below set their own, shorter timeout).
 const PAY_TIMEOUT_SECS: u64 = 30;
@@ -82,11 +82,6 @@ impl Drop for PurgeOnDrop {
             Err(_) => eprintln!("deleting the test's exchanges and queues panicked"),
         }
     }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local address of the ephemeral port").port()
 }
 
 fn serve_command(args: &[&str], stderr: &Path) -> Command {

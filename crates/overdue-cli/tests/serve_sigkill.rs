@@ -40,6 +40,8 @@
 //! `OVERDUE_SERVE_CRASH_SEED=<seed> cargo test -p overdue-cli --test serve_sigkill -- --nocapture`.
 #![cfg(unix)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::ops::RangeInclusive;
@@ -63,6 +65,8 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
+
+use common::free_port;
 
 /// Environment variable that fixes the RNG seed, to replay a failing run.
 const SEED_ENV: &str = "OVERDUE_SERVE_CRASH_SEED";
@@ -254,11 +258,6 @@ fn server_logs(dir: &Path) -> String {
         }
     }
     out
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local address of the ephemeral port").port()
 }
 
 fn http_client() -> reqwest::Client {

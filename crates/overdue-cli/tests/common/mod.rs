@@ -12,6 +12,13 @@ use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// A port on 127.0.0.1 that was free a moment ago (the caller's server binds it next; another
+/// process may take it in between, which is rare).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local address of the ephemeral port").port()
+}
+
 /// The broker: `OVERDUE_TEST_AMQP`, default `amqp://guest:guest@127.0.0.1:5672/%2f`.
 pub fn server_url() -> String {
     std::env::var("OVERDUE_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
